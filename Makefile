@@ -1,0 +1,44 @@
+# The two commands of the README: `make run` and `make test`. Both set up everything they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := backend/.venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint format migrate install simulator bench clean
+
+$(STAMP): backend/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e 'backend[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: $(STAMP)
+	cd backend && .venv/bin/alembic upgrade head
+
+run: migrate
+	cd backend && exec .venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+
+simulator: $(STAMP)
+	cd backend && exec .venv/bin/uvicorn app.simulator.app:create_app --factory --host 127.0.0.1 --port 8100
+
+lint: $(STAMP)
+	cd backend && .venv/bin/ruff check app tests ../bench
+	cd backend && .venv/bin/ruff format --check app tests ../bench
+	cd backend && .venv/bin/mypy app
+
+format: $(STAMP)
+	cd backend && .venv/bin/ruff format app tests ../bench && .venv/bin/ruff check --fix app tests ../bench
+
+test: lint
+	cd backend && .venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	cd backend && .venv/bin/python ../bench/llm_overhead.py
+
+clean:
+	rm -rf $(VENV) backend/data

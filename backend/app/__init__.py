@@ -1,0 +1,1 @@
+"""ASA backend: an automated software agent whose every LLM dollar is accounted for."""

@@ -1,0 +1,13 @@
+from sqlalchemy import Engine, inspect
+
+from app.models import Base
+
+
+def test_migrations_build_every_model_table(engine: Engine) -> None:
+    tables = set(inspect(engine).get_table_names())
+    assert set(Base.metadata.tables) <= tables
+
+
+def test_llm_usage_request_id_is_unique(engine: Engine) -> None:
+    uniques = inspect(engine).get_unique_constraints("llm_usage")
+    assert any(u["column_names"] == ["request_id"] for u in uniques)
