@@ -5,7 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from app.core.config import get_settings
 from app.core.db import create_db_engine
@@ -30,6 +30,9 @@ def _run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Several processes may start at once; one migrates, the others wait and see head.
+            connection.execute(text("SELECT pg_advisory_xact_lock(74185201)"))
         context.run_migrations()
 
 

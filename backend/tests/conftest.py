@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+from app.core.config import Settings
 from app.core.db import create_db_engine
 from app.core.migrations import upgrade_to_head
+from app.core.runtime import Runtime
 from app.models import Base
+from app.simulator.config import SimulatorConfig
+from app.simulator.server import SimulatorServer
 
 POSTGRES_URL = os.environ.get(
     "ASA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -75,3 +83,71 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = create_db_engine(database_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[SimulatorServer]:
+    """One simulator for the session; tests add their own scripts and reset it."""
+    with SimulatorServer(SimulatorConfig()) as sim:
+        yield sim
+
+
+@pytest.fixture
+def sim(simulator: SimulatorServer) -> SimulatorServer:
+    """The session simulator with its scripts, faults and counters reset."""
+    simulator.state.reset()
+    return simulator
+
+
+def make_settings(
+    database_url: str, sim_base_url: str, tmp_path: Path, **overrides: object
+) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "openai_base_url": sim_base_url,
+        "openai_api_key": "sk-test-canary-key-0000",
+        "spool_dir": tmp_path / "spool",
+        "auto_migrate": False,
+        "openai_max_retries": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+RuntimeFactory = Callable[..., Runtime]
+
+
+@pytest.fixture
+def runtime_factory(
+    database_url: str, sim: SimulatorServer, tmp_path: Path
+) -> Iterator[RuntimeFactory]:
+    """Build runtimes on the test database calling the simulator, with setting overrides."""
+    built: list[Runtime] = []
+
+    def build(**overrides: object) -> Runtime:
+        settings = make_settings(database_url, sim.base_url, tmp_path, **overrides)
+        rt = Runtime.build(settings, start_background=False)
+        built.append(rt)
+        return rt
+
+    yield build
+    for rt in built:
+        rt.close()
+
+
+@pytest.fixture
+def runtime(runtime_factory: RuntimeFactory) -> Runtime:
+    """A service runtime on the test database, calling the simulator."""
+    return runtime_factory()
+
+
+@pytest.fixture
+def span_exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer(span_exporter: InMemorySpanExporter) -> Tracer:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    return provider.get_tracer("test")

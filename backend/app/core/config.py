@@ -1,6 +1,7 @@
 """Configuration: the one place that reads the environment.
 
-Every variable is documented in the top-level ``.env.example``; names are the upper-case field names.
+Every variable is documented in the top-level ``.env.example``; names are the upper-case
+field names.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ class Settings(BaseSettings):
         description="Where usage rows wait when the database is unreachable.",
     )
     spool_replay_interval_seconds: float = Field(default=2.0, gt=0)
+    auto_migrate: bool = Field(
+        default=True, description="Run the Alembic migrations to head when the service starts."
+    )
 
     # LLM provider
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = Field(
-        default=None, description="Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, a gateway)."
+        default=None,
+        description="Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, a gateway).",
     )
     openai_max_retries: int = Field(default=2, ge=0, le=10)
     openai_timeout_seconds: float = Field(default=600.0, gt=0)
@@ -45,7 +50,9 @@ class Settings(BaseSettings):
     simulator_latency_ms: float = Field(default=20.0, ge=0)
 
     # Pricing: JSON object {model: {"input_mtok": .., "output_mtok": .., "cache_read_mtok": ..}}
-    price_overrides: Annotated[dict[str, dict[str, Decimal]], NoDecode] = Field(default_factory=dict)
+    price_overrides: Annotated[dict[str, dict[str, Decimal]], NoDecode] = Field(
+        default_factory=dict
+    )
 
     # Telemetry
     enable_opentelemetry: bool = False

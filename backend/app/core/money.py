@@ -21,4 +21,8 @@ def usd_to_pico(amount: Decimal) -> int:
 def pico_to_usd(pico: int | None) -> Decimal:
     if not pico:
         return Decimal(0)
-    return (Decimal(pico) / _PICO).normalize() if pico % PICO_PER_USD else Decimal(pico // PICO_PER_USD)
+    return (
+        (Decimal(pico) / _PICO).normalize()
+        if pico % PICO_PER_USD
+        else Decimal(pico // PICO_PER_USD)
+    )

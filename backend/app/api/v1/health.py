@@ -1,0 +1,51 @@
+"""Service-level endpoints: ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Response
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from app.api.deps import get_app_runtime
+from app.core.runtime import Runtime
+from app.observability import render_metrics
+
+router = APIRouter()
+RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: Literal["ok", "unreachable"]
+    llm_mode: Literal["simulator", "provider"]
+    llm_endpoint: str
+    spool_pending: int
+    opentelemetry: bool
+
+
+@router.get("/health", response_model=HealthResponse, tags=["service"])
+def health(runtime: RuntimeDep) -> HealthResponse:
+    """Liveness with substance: is the database reachable, and where do LLM calls go."""
+    try:
+        with runtime.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        database: Literal["ok", "unreachable"] = "ok"
+    except Exception:
+        database = "unreachable"
+    return HealthResponse(
+        status="ok" if database == "ok" else "degraded",
+        database=database,
+        llm_mode="simulator" if runtime.simulator is not None else "provider",
+        llm_endpoint=runtime.llm_endpoint,
+        spool_pending=runtime.writer.spool.pending(),
+        opentelemetry=runtime.settings.enable_opentelemetry,
+    )
+
+
+@router.get("/metrics", tags=["service"], response_class=Response)
+def metrics(accept: Annotated[str | None, Header()] = None) -> Response:
+    """Prometheus exposition; OpenMetrics (with trace-id exemplars) when the scraper asks."""
+    body, content_type = render_metrics(accept)
+    return Response(content=body, media_type=content_type)

@@ -1,0 +1,69 @@
+"""The ASA service: ``create_app()`` builds the FastAPI application; ``lifespan`` owns resources.
+
+Run it with ``make run`` (or ``uvicorn app.main:app`` from ``backend/``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.v1.health import router as health_router
+from app.core.config import Settings, get_settings
+from app.core.errors import install_error_handlers
+from app.core.migrations import upgrade_to_head
+from app.core.runtime import Runtime, set_runtime
+from app.observability import setup_telemetry
+
+logger = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application; every resource is built in its lifespan, nothing at import time."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cfg = settings or get_settings()
+        _configure_logging()
+        if cfg.auto_migrate:
+            upgrade_to_head(cfg.database_url)
+        runtime = Runtime.build(cfg)
+        telemetry = setup_telemetry(cfg, app=app, engine=runtime.engine)
+        app.state.runtime = runtime
+        set_runtime(runtime)
+        logger.info(
+            "ASA ready: database %s, LLM endpoint %s",
+            runtime.engine.url.render_as_string(hide_password=True),
+            runtime.llm_endpoint,
+        )
+        try:
+            yield
+        finally:
+            set_runtime(None)
+            await runtime.async_openai_client.close()
+            runtime.close()
+            telemetry.shutdown()
+
+    app = FastAPI(
+        title="ASA — Automated Software Agent",
+        version="0.1.0",
+        description="Submit a bug, get a verified patch, and know what every LLM call cost.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health_router)
+    return app
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+
+app = create_app()

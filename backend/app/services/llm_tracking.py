@@ -1,0 +1,405 @@
+"""What happens around one LLM call: usage extraction, pricing, the row, the span, the metrics.
+
+``CallTracker`` is shared by the sync and async clients. Its ``finish_*`` methods run once per
+logical call, whatever the outcome, and never raise: a failure inside tracking is logged,
+counted in ``llm_tracking_errors_total`` and swallowed, so instrumentation never changes what
+the caller sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+from app.core.money import usd_to_pico
+from app.core.redaction import safe_error_message
+from app.observability import (
+    LLM_COST,
+    LLM_LATENCY,
+    LLM_REQUESTS,
+    LLM_RETRIES,
+    LLM_TOKENS,
+    LLM_UNPRICED,
+    TRACKING_ERRORS,
+    agent_label,
+    model_label,
+)
+from app.services.pricing import PriceBook, TokenUsage
+from app.services.usage_record import UsageRecord
+from app.services.usage_writer import UsageWriter
+
+logger = logging.getLogger(__name__)
+
+# A single call reporting more than this many tokens is treated as a provider bug, not billed.
+ABSURD_TOKEN_COUNT = 50_000_000
+_CHARS_PER_TOKEN = 4
+
+
+@dataclass
+class CallContext:
+    """Who a call is for; ids go to rows and spans, never to metric labels."""
+
+    task_id: str | None = None
+    user_id: str | None = None
+    agent: str | None = None
+    provider: str = "openai"
+    capture_content: bool = False
+    secrets: tuple[str, ...] = ()
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (4 characters a token), used only when the provider sent none."""
+    return (len(text) + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
+
+
+def estimate_prompt_tokens(messages: Sequence[Any]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        total += 4 + estimate_tokens(
+            content if isinstance(content, str) else json.dumps(content, default=str)
+        )
+    return total
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return None
+
+
+def sanitize_usage(raw: Any) -> tuple[TokenUsage, list[str]]:
+    """Token counts from an SDK ``CompletionUsage`` (or None), with flags for what was wrong.
+
+    Negative counts become 0 (flag ``negative_tokens``); counts above ABSURD_TOKEN_COUNT are
+    discarded (flag ``absurd_tokens``); cached above prompt or reasoning above completion are
+    capped (flag ``inconsistent_details``). A flagged row is recorded, never dropped.
+    """
+    flags: list[str] = []
+    if raw is None:
+        return TokenUsage(), ["usage_missing"]
+    prompt = _int_or_none(getattr(raw, "prompt_tokens", None))
+    completion = _int_or_none(getattr(raw, "completion_tokens", None))
+    details_in = getattr(raw, "prompt_tokens_details", None)
+    details_out = getattr(raw, "completion_tokens_details", None)
+    cached = _int_or_none(getattr(details_in, "cached_tokens", None)) or 0
+    reasoning = _int_or_none(getattr(details_out, "reasoning_tokens", None)) or 0
+    if prompt is None or completion is None:
+        flags.append("usage_malformed")
+    values = [prompt or 0, completion or 0, cached, reasoning]
+    if any(v < 0 for v in values):
+        flags.append("negative_tokens")
+        values = [max(v, 0) for v in values]
+    if any(v > ABSURD_TOKEN_COUNT for v in values):
+        flags.append("absurd_tokens")
+        values = [0, 0, 0, 0]
+    prompt_n, completion_n, cached_n, reasoning_n = values
+    if cached_n > prompt_n or reasoning_n > completion_n:
+        flags.append("inconsistent_details")
+        cached_n, reasoning_n = min(cached_n, prompt_n), min(reasoning_n, completion_n)
+    return TokenUsage(prompt_n, completion_n, cached_n, reasoning_n), flags
+
+
+@dataclass
+class CallTracker:
+    """Tracks one logical call from before the request to its recorded row."""
+
+    writer: UsageWriter
+    price_book: PriceBook
+    tracer: Tracer
+    context: CallContext
+    model: str
+    request: Mapping[str, Any]
+    is_stream: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    attempts: list[int] = field(default_factory=lambda: [0])
+    span: Span | None = None
+    started: float = 0.0
+    finished: bool = False
+    # Called once with the final record (the budget settles its reservation here).
+    on_complete: Callable[[UsageRecord], None] | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        try:
+            self.span = self.tracer.start_span(
+                f"chat {self.model}", kind=SpanKind.CLIENT, attributes=self._request_attributes()
+            )
+        except Exception:
+            TRACKING_ERRORS.labels("span").inc()
+            logger.exception("Could not start the LLM span")
+
+    def _request_attributes(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": self.context.provider,
+            "gen_ai.provider.name": self.context.provider,
+            "gen_ai.request.model": self.model,
+            "llm.model": self.model,
+            "llm.request_id": self.request_id,
+            "llm.stream": self.is_stream,
+        }
+        for key, attr in (
+            ("task_id", "llm.task_id"),
+            ("user_id", "llm.user_id"),
+            ("agent", "llm.agent"),
+        ):
+            value = getattr(self.context, key)
+            if value:
+                attrs[attr] = value
+        for param, attr in (
+            ("temperature", "gen_ai.request.temperature"),
+            ("top_p", "gen_ai.request.top_p"),
+            ("max_tokens", "gen_ai.request.max_tokens"),
+            ("max_completion_tokens", "gen_ai.request.max_tokens"),
+            ("n", "gen_ai.request.choice.count"),
+        ):
+            value = self.request.get(param)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attrs[attr] = value
+        if self.context.capture_content:
+            attrs["gen_ai.input.messages"] = _json_or_str(self.request.get("messages"))
+        return attrs
+
+    @property
+    def trace_ids(self) -> tuple[str | None, str | None]:
+        if self.span is None:
+            return None, None
+        ctx = self.span.get_span_context()
+        if not ctx.is_valid:
+            return None, None
+        return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def finish_success(
+        self,
+        *,
+        usage: Any,
+        response_model: str | None,
+        response_id: str | None,
+        finish_reasons: Sequence[str],
+        output_text: str = "",
+        partial: bool = False,
+        extra_flags: Sequence[str] = (),
+    ) -> UsageRecord | None:
+        tokens, flags = sanitize_usage(usage)
+        estimated = False
+        if "usage_missing" in flags:
+            # No usage from the provider (stream closed early, or an endpoint that omits it).
+            tokens = TokenUsage(
+                prompt_tokens=estimate_prompt_tokens(self.request.get("messages") or []),
+                completion_tokens=estimate_tokens(output_text),
+            )
+            estimated = True
+        flags.extend(extra_flags)
+        quote = self.price_book.quote(self.model, tokens, estimated=estimated)
+        cost_status = "unpriced" if "absurd_tokens" in flags else quote.status
+        record = self._record(
+            status="success",
+            tokens=tokens,
+            cost_pico=usd_to_pico(quote.cost_usd) if cost_status != "unpriced" else 0,
+            cost_status=cost_status,
+            response_model=response_model,
+            finish_reason=",".join(finish_reasons) or None,
+            partial=partial,
+            flags=flags,
+        )
+        attrs: dict[str, Any] = {"gen_ai.response.finish_reasons": list(finish_reasons)}
+        if response_model:
+            attrs["gen_ai.response.model"] = response_model
+        if response_id:
+            attrs["gen_ai.response.id"] = response_id
+        if self.context.capture_content and output_text:
+            attrs["gen_ai.output.messages"] = output_text
+        return self._complete(record, attrs, error=None)
+
+    def finish_error(
+        self, exc: BaseException, *, partial_usage: Any = None, output_text: str = ""
+    ) -> UsageRecord | None:
+        tokens, flags = sanitize_usage(partial_usage)
+        cost_pico, cost_status = 0, "priced"
+        if partial_usage is not None:
+            quote = self.price_book.quote(self.model, tokens)
+            cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
+        elif output_text:
+            # A stream that broke after content arrived: the tokens were produced and billed.
+            tokens = TokenUsage(
+                prompt_tokens=estimate_prompt_tokens(self.request.get("messages") or []),
+                completion_tokens=estimate_tokens(output_text),
+            )
+            quote = self.price_book.quote(self.model, tokens, estimated=True)
+            cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
+        else:
+            flags = []
+        record = self._record(
+            status="error",
+            tokens=tokens,
+            cost_pico=cost_pico,
+            cost_status=cost_status,
+            partial=bool(output_text) or partial_usage is not None,
+            flags=flags,
+            error_type=type(exc).__name__,
+            error_message=safe_error_message(exc, self.context.secrets),
+        )
+        return self._complete(record, {}, error=exc)
+
+    def finish_blocked(self, exc: BaseException) -> UsageRecord | None:
+        record = self._record(
+            status="blocked",
+            tokens=TokenUsage(),
+            cost_pico=0,
+            cost_status="priced",
+            error_type=type(exc).__name__,
+            error_message=safe_error_message(exc, self.context.secrets),
+        )
+        return self._complete(record, {}, error=exc)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _record(
+        self,
+        *,
+        status: str,
+        tokens: TokenUsage,
+        cost_pico: int,
+        cost_status: str,
+        response_model: str | None = None,
+        finish_reason: str | None = None,
+        partial: bool = False,
+        flags: Sequence[str] = (),
+        error_type: str | None = None,
+        error_message: str | None = None,
+    ) -> UsageRecord:
+        trace_id, span_id = self.trace_ids
+        return UsageRecord(
+            request_id=self.request_id,
+            model=self.model,
+            status=status,
+            task_id=self.context.task_id,
+            user_id=self.context.user_id,
+            agent=self.context.agent,
+            provider=self.context.provider,
+            response_model=response_model,
+            prompt_tokens=tokens.prompt_tokens,
+            completion_tokens=tokens.completion_tokens,
+            cached_tokens=tokens.cached_tokens,
+            reasoning_tokens=tokens.reasoning_tokens,
+            cost_pico_usd=cost_pico,
+            cost_status=cost_status,
+            latency_ms=(time.perf_counter() - self.started) * 1000.0,
+            is_stream=self.is_stream,
+            is_partial=partial,
+            attempts=max(self.attempts[0], 1),
+            finish_reason=finish_reason,
+            error_type=error_type,
+            error_message=error_message,
+            flags=",".join(flags)[:200] or None,
+            trace_id=trace_id,
+            span_id=span_id,
+        )
+
+    def _complete(
+        self, record: UsageRecord, attrs: dict[str, Any], error: BaseException | None
+    ) -> UsageRecord | None:
+        if self.finished:
+            return None
+        self.finished = True
+        try:
+            self.writer.write(record)
+        except Exception:
+            TRACKING_ERRORS.labels("write").inc()
+            logger.exception("Could not persist or spool usage row %s", record.request_id)
+        try:
+            self._observe(record)
+        except Exception:
+            TRACKING_ERRORS.labels("metrics").inc()
+            logger.exception("Could not update LLM metrics")
+        try:
+            self._end_span(record, attrs, error)
+        except Exception:
+            TRACKING_ERRORS.labels("span").inc()
+            logger.exception("Could not end the LLM span")
+        if self.on_complete is not None:
+            try:
+                self.on_complete(record)
+            except Exception:
+                TRACKING_ERRORS.labels("settle").inc()
+                logger.exception("Could not settle the budget reservation of %s", record.request_id)
+        return record
+
+    def _observe(self, record: UsageRecord) -> None:
+        model = model_label(record.model)
+        agent = agent_label(record.agent)
+        LLM_REQUESTS.labels(model, record.status, agent).inc()
+        if record.status == "blocked":
+            return
+        exemplar = {"trace_id": record.trace_id} if record.trace_id else None
+        LLM_LATENCY.labels(model).observe(record.latency_ms / 1000.0, exemplar=exemplar)
+        for token_type, count in (
+            ("prompt", record.prompt_tokens),
+            ("completion", record.completion_tokens),
+            ("cached", record.cached_tokens),
+            ("reasoning", record.reasoning_tokens),
+        ):
+            if count:
+                LLM_TOKENS.labels(model, token_type, agent).inc(count)
+        if record.cost_pico_usd:
+            LLM_COST.labels(model, agent).inc(float(record.cost_usd), exemplar=exemplar)
+        if record.cost_status == "unpriced":
+            LLM_UNPRICED.labels(model).inc()
+        if record.attempts > 1:
+            LLM_RETRIES.labels(model).inc(record.attempts - 1)
+
+    def _end_span(
+        self, record: UsageRecord, attrs: dict[str, Any], error: BaseException | None
+    ) -> None:
+        span = self.span
+        if span is None:
+            return
+        cost = float(record.cost_usd)
+        span.set_attributes(
+            {
+                **attrs,
+                "gen_ai.usage.input_tokens": record.prompt_tokens,
+                "gen_ai.usage.output_tokens": record.completion_tokens,
+                "gen_ai.usage.cost": cost,
+                "llm.prompt_tokens": record.prompt_tokens,
+                "llm.completion_tokens": record.completion_tokens,
+                "llm.total_tokens": record.total_tokens,
+                "llm.cached_tokens": record.cached_tokens,
+                "llm.reasoning_tokens": record.reasoning_tokens,
+                "llm.cost_usd": cost,
+                "llm.cost_status": record.cost_status,
+                "llm.latency_ms": record.latency_ms,
+                "llm.status": record.status,
+                "llm.attempts": record.attempts,
+            }
+        )
+        if record.is_partial:
+            span.set_attribute("llm.partial", True)
+        if error is not None:
+            span.set_attribute("error.type", type(error).__name__)
+            span.set_status(Status(StatusCode.ERROR, record.error_message or type(error).__name__))
+        span.end()
+
+
+def _json_or_str(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def default_tracer() -> Tracer:
+    return trace.get_tracer("app.services.llm_client")

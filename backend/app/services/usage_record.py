@@ -1,0 +1,67 @@
+"""The value written for each LLM call: one ``llm_usage`` row (and its rollup increment)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from app.core.money import pico_to_usd
+from app.models import new_id
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    model: str
+    status: str  # success | error | blocked
+    task_id: str | None = None
+    user_id: str | None = None
+    agent: str | None = None
+    provider: str = "openai"
+    response_model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_pico_usd: int = 0
+    cost_status: str = "priced"
+    latency_ms: float = 0.0
+    is_stream: bool = False
+    is_partial: bool = False
+    attempts: int = 1
+    finish_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    flags: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
+    id: str = field(default_factory=new_id)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return pico_to_usd(self.cost_pico_usd)
+
+    def row(self) -> dict[str, Any]:
+        """Column values for ``llm_usage``."""
+        values = dataclasses.asdict(self)
+        values["total_tokens"] = self.total_tokens
+        return values
+
+    def to_json(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["timestamp"] = self.timestamp.isoformat()
+        return values
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageRecord:
+        data = dict(data)
+        data["timestamp"] = datetime.fromisoformat(data["timestamp"])
+        return cls(**data)

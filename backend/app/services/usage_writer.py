@@ -1,0 +1,161 @@
+"""Persist usage rows exactly once: insert-if-new plus the daily rollup, in one transaction.
+
+When the database is unreachable the row goes to the local spool and a background thread
+replays it when the database is back. Because ``request_id`` is unique and the rollup is only
+incremented when the row itself was inserted, a replayed or repeated write never counts twice.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app.models import LATENCY_BUCKETS_MS, LLMUsage, UsageRollupDaily
+from app.observability import USAGE_SPOOL_PENDING, USAGE_SPOOLED
+from app.services.usage_record import UsageRecord
+from app.services.usage_spool import UsageSpool
+
+logger = logging.getLogger(__name__)
+
+_ROLLUP_KEY = ("day", "user_id", "task_id", "model", "agent")
+_ROLLUP_SUMS = (
+    "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "cost_pico_usd",
+    "latency_ms_sum", *(f"lat_b{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)),
+)  # fmt: skip
+
+
+def latency_bucket(latency_ms: float) -> int:
+    """Index of the rollup latency bucket holding ``latency_ms`` (upper bounds inclusive)."""
+    return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
+
+
+def _insert(conn: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"Unsupported database dialect: {conn.dialect.name}")
+
+
+def rollup_values(record: UsageRecord) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "day": record.timestamp.date(),
+        "user_id": record.user_id or "",
+        "task_id": record.task_id or "",
+        "model": record.model,
+        "agent": record.agent or "",
+        "requests": 1,
+        "successes": int(record.status == "success"),
+        "errors": int(record.status == "error"),
+        "blocked": int(record.status == "blocked"),
+        "unpriced_calls": int(record.cost_status == "unpriced" and record.status != "blocked"),
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cached_tokens": record.cached_tokens,
+        "reasoning_tokens": record.reasoning_tokens,
+        "total_tokens": record.total_tokens,
+        "cost_pico_usd": record.cost_pico_usd,
+        "latency_ms_sum": record.latency_ms,
+    }
+    bucket = latency_bucket(record.latency_ms)
+    for i in range(len(LATENCY_BUCKETS_MS) + 1):
+        values[f"lat_b{i:02d}"] = int(i == bucket)
+    return values
+
+
+def insert_usage(conn: Connection, record: UsageRecord) -> bool:
+    """Insert the row and, only if it is new, add it to the rollup. True if inserted."""
+    stmt = (
+        _insert(conn, LLMUsage.__table__)
+        .values(**record.row())
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(LLMUsage.__table__.c.id)
+    )
+    if conn.execute(stmt).first() is None:  # rowcount is not reliable here on every driver
+        return False
+    table = UsageRollupDaily.__table__
+    rollup = _insert(conn, table).values(**rollup_values(record))
+    rollup = rollup.on_conflict_do_update(
+        index_elements=list(_ROLLUP_KEY),
+        set_={name: table.c[name] + rollup.excluded[name] for name in _ROLLUP_SUMS},
+    )
+    conn.execute(rollup)
+    return True
+
+
+class UsageWriter:
+    """Writes usage records; never raises to the caller of an LLM call."""
+
+    def __init__(self, engine: Engine, spool: UsageSpool) -> None:
+        self.engine = engine
+        self.spool = spool
+        self._replay_lock = threading.Lock()
+
+    def write(self, record: UsageRecord) -> bool:
+        """Persist ``record``; True if committed to the database, False if spooled."""
+        try:
+            with self.engine.begin() as conn:
+                insert_usage(conn, record)
+            return True
+        except (OperationalError, DBAPIError) as exc:
+            logger.warning(
+                "Database unavailable, spooling usage row %s: %s", record.request_id, exc
+            )
+        self.spool.append(record)
+        USAGE_SPOOLED.inc()
+        USAGE_SPOOL_PENDING.inc()
+        return False
+
+    def insert_batch(self, records: Iterable[UsageRecord]) -> None:
+        with self.engine.begin() as conn:
+            for record in records:
+                insert_usage(conn, record)
+
+    def replay_spool(self) -> int:
+        """Move spooled rows into the database; safe to call from several threads/processes."""
+        with self._replay_lock:
+            try:
+                replayed = self.spool.replay(self.insert_batch)
+            except (OperationalError, DBAPIError):
+                return 0  # still down; try again later
+            finally:
+                USAGE_SPOOL_PENDING.set(self.spool.pending())
+            return replayed
+
+
+class SpoolReplayer:
+    """Background thread replaying the spool every ``interval`` seconds until stopped."""
+
+    def __init__(self, writer: UsageWriter, interval: float) -> None:
+        self._writer = writer
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-spool-replay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._writer.spool.files():
+                try:
+                    self._writer.replay_spool()
+                except Exception:
+                    logger.exception("Spool replay failed; will retry")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        try:
+            self._writer.replay_spool()
+        except Exception:
+            logger.exception("Final spool replay failed; rows stay spooled for the next start")
