@@ -175,11 +175,13 @@ async def chat_completions(
         delay_ms = reply.latency_ms if reply and reply.latency_ms is not None else config.latency_ms
     if fault is not None:
         state.record_fault(fault)
-    if delay_ms > 0 and not await wait_for_client(http_request, delay_ms / 1000):
+    if delay_ms > 0 and not await wait_for_client(http_request, delay_ms / 1000, state.closing):
         return Response(status_code=499)
     if fault in REJECTING_FAULTS:
         return _rejection(fault, state)
-    if fault == "timeout" and not await wait_for_client(http_request, config.timeout_fault_seconds):
+    if fault == "timeout" and not await wait_for_client(
+        http_request, config.timeout_fault_seconds, state.closing
+    ):
         return Response(status_code=499)
 
     completion = plan_completion(request, reply, fault, state)

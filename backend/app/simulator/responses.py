@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -52,11 +53,14 @@ def rate_limit_headers(retry_after_seconds: float) -> dict[str, str]:
     }
 
 
-async def wait_for_client(request: Request, seconds: float) -> bool:
-    """Sleep ``seconds``, but stop as soon as the client hangs up; True if it is still there."""
+async def wait_for_client(request: Request, seconds: float, closing: threading.Event) -> bool:
+    """Sleep ``seconds``, but stop as soon as the client hangs up or the server shuts down.
+
+    True if the wait ran its course and the client is still there.
+    """
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
-        if await request.is_disconnected():
+        if closing.is_set() or await request.is_disconnected():
             return False
         await asyncio.sleep(min(remaining, DISCONNECT_POLL_SECONDS))
     return not await request.is_disconnected()

@@ -105,6 +105,7 @@ class SimulatorServer:
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
+        self.state.closing.set()
         server.should_exit = True
         thread.join(STOP_TIMEOUT_SECONDS)
         if thread.is_alive():
@@ -112,6 +113,7 @@ class SimulatorServer:
             raise SimulatorError("the simulator did not stop in time")
         self._server = self._thread = None
         self._port = None
+        self.state.closing.clear()
 
     def _force_stop(self) -> None:
         server, thread = self._server, self._thread

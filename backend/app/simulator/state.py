@@ -96,6 +96,7 @@ class SimulatorState:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self._lock = threading.Lock()
+        self.closing = threading.Event()  # set while the server shuts down: waits end early
         self._file_rules = load_script_file(config.scripts_path) if config.scripts_path else []
         self._reset_locked()
 
