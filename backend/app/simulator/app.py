@@ -20,7 +20,10 @@ Which fault a request gets: the header, else the fault schedule, else the fault 
 matching script reply's ``fault``. A 429, 500 or 400 from the header, the schedule or the rates is
 answered before the scripts are consulted, so it does not advance a script's sequence: a retried
 request gets the reply the failed one would have got. Responses carry ``x-request-id`` and, when a
-fault was injected, ``x-sim-fault``. Malformed requests get OpenAI's 400 ``invalid_request_error``.
+fault was injected, ``x-sim-fault``. Malformed requests and bad ``x-sim-*`` headers get OpenAI's
+400 ``invalid_request_error`` (codes ``invalid_request``, ``invalid_sim_header``). A request whose
+client hangs up during a delay, or which is still held when the server stops, is dropped
+(status 499, which the client never sees unless it is still connected).
 """
 
 from __future__ import annotations
@@ -28,14 +31,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from app.simulator.completion import ChatCompletionRequest, Completion, plan_completion
 from app.simulator.config import (
-    FAULT_NAMES,
     FaultName,
     ScheduledFault,
     SimulatorConfig,
@@ -54,7 +56,6 @@ from app.simulator.state import SimulatorState
 
 REJECTING_FAULTS: frozenset[FaultName] = frozenset({"429", "500", "400"})
 MAX_HEADER_DELAY_MS = 600_000.0
-_FAULT = TypeAdapter(FaultName)
 _SCHEDULE = TypeAdapter(list[ScheduledFault])
 
 
@@ -64,13 +65,21 @@ def get_state(request: Request) -> SimulatorState:
 
 
 StateDep = Annotated[SimulatorState, Depends(get_state)]
-FaultHeader = Annotated[str | None, Header(alias="x-sim-fault")]
-LatencyHeader = Annotated[
-    float | None, Header(alias="x-sim-latency-ms", ge=0, le=MAX_HEADER_DELAY_MS)
-]
-ChunkDelayHeader = Annotated[
-    float | None, Header(alias="x-sim-chunk-delay-ms", ge=0, le=MAX_HEADER_DELAY_MS)
-]
+
+
+class SimHeaders(BaseModel):
+    """The ``x-sim-*`` request headers; validated in the handler so bad ones are counted."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    fault: FaultName | None = Field(default=None, alias="x-sim-fault")
+    latency_ms: float | None = Field(
+        default=None, alias="x-sim-latency-ms", ge=0, le=MAX_HEADER_DELAY_MS
+    )
+    chunk_delay_ms: float | None = Field(
+        default=None, alias="x-sim-chunk-delay-ms", ge=0, le=MAX_HEADER_DELAY_MS
+    )
+
 
 openai_router = APIRouter(prefix="/v1")
 control_router = APIRouter(prefix="/sim")
@@ -138,30 +147,21 @@ def _stream(
 
 
 @openai_router.post("/chat/completions", response_model=None)
-async def chat_completions(
-    http_request: Request,
-    state: StateDep,
-    fault_header: FaultHeader = None,
-    latency_ms: LatencyHeader = None,
-    chunk_delay_ms: ChunkDelayHeader = None,
-) -> Response:
+async def chat_completions(http_request: Request, state: StateDep) -> Response:
+    try:
+        headers = SimHeaders.model_validate(dict(http_request.headers))
+    except ValidationError as exc:
+        state.record_request(model=None, stream=False)
+        return error_response(
+            400, str(exc), type_="invalid_request_error", code="invalid_sim_header"
+        )
     try:
         request = ChatCompletionRequest.model_validate(await http_request.json())
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
         state.record_request(model=None, stream=False)
         return error_response(400, str(exc), type_="invalid_request_error", code="invalid_request")
     state.record_request(model=request.model, stream=request.stream)
-    try:
-        fault: FaultName | None = _FAULT.validate_python(fault_header) if fault_header else None
-    except ValidationError:
-        return error_response(
-            400,
-            f"x-sim-fault must be one of {', '.join(FAULT_NAMES)}",
-            type_="invalid_request_error",
-            code="invalid_sim_fault",
-        )
-    if fault is None:
-        fault = state.next_unscripted_fault()
+    fault = headers.fault or state.next_unscripted_fault()
     reply = None
     if fault not in REJECTING_FAULTS:
         reply = state.next_reply(
@@ -170,7 +170,7 @@ async def chat_completions(
         fault = fault or (reply.fault if reply else None)
 
     config = state.config
-    delay_ms = latency_ms
+    delay_ms = headers.latency_ms
     if delay_ms is None:
         delay_ms = reply.latency_ms if reply and reply.latency_ms is not None else config.latency_ms
     if fault is not None:
@@ -186,11 +186,13 @@ async def chat_completions(
 
     completion = plan_completion(request, reply, fault, state)
     if request.stream:
-        chunk_delay = config.stream_chunk_delay_ms if chunk_delay_ms is None else chunk_delay_ms
+        chunk_delay = headers.chunk_delay_ms
+        if chunk_delay is None:
+            chunk_delay = config.stream_chunk_delay_ms
         return _stream(completion, request, fault, state, chunk_delay)
-    if fault == "truncate":
-        return TruncatedResponse(completion.body())
     fault_headers = {"x-sim-fault": fault} if fault else {}
+    if fault == "truncate":
+        return TruncatedResponse(completion.body(), headers=fault_headers)
     if fault == "malformed":
         broken = json.dumps(completion.body())[:-1] + ", <simulated malformed body>"
         return Response(

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.simulator.config import FaultName, ScriptedReply, SimulatorConfig
+from app.simulator.config import FaultName, ScriptedReply, SimulatorConfig, UsageOverride
 from app.simulator.state import SimulatorState
 from app.simulator.tokens import (
     CHARS_PER_TOKEN,
@@ -232,30 +232,46 @@ def plan_completion(
             _scripted_choice(reply, request, config) if template.tool_calls else template
         )
 
-    digests = prefix_digests(request.messages, request.tools)
-    estimated_cached = state.cached_tokens(digests)
-    override = reply.usage if reply and reply.usage else None
-    prompt = prompt_tokens(request.messages, request.tools)
-    reasoning_total = reasoning * request.n
-    completion = (visible + reasoning) * request.n
-    cached = min(estimated_cached, prompt)
-    if override is not None:
-        prompt = prompt if override.prompt_tokens is None else override.prompt_tokens
-        cached = min(cached, prompt) if override.cached_tokens is None else override.cached_tokens
-        if override.reasoning_tokens is not None:
-            completion += override.reasoning_tokens - reasoning_total
-            reasoning_total = override.reasoning_tokens
-        if override.completion_tokens is not None:
-            completion = override.completion_tokens
-            if override.reasoning_tokens is None:
-                reasoning_total = min(reasoning_total, completion)
-    usage = TokenUsage(prompt, completion, cached, reasoning_total)
+    usage = _billed_usage(
+        request,
+        reply.usage if reply else None,
+        visible=visible * request.n,
+        reasoning=reasoning * request.n,
+        state=state,
+    )
     return Completion(
         model=request.model,
         choices=choices,
         usage=usage,
         reported_usage=_reported_usage(usage, fault),
     )
+
+
+def _billed_usage(
+    request: ChatCompletionRequest,
+    override: UsageOverride | None,
+    *,
+    visible: int,
+    reasoning: int,
+    state: SimulatorState,
+) -> TokenUsage:
+    """Estimated usage, with a script's exact numbers taking precedence where given."""
+    # Always consult the cache, so that this prompt's prefixes are remembered for the next one.
+    cached = state.cached_tokens(prefix_digests(request.messages, request.tools))
+    prompt = prompt_tokens(request.messages, request.tools)
+    if override is None:
+        return TokenUsage(prompt, visible + reasoning, min(cached, prompt), reasoning)
+    if override.prompt_tokens is not None:
+        prompt = override.prompt_tokens
+    cached = min(cached, prompt) if override.cached_tokens is None else override.cached_tokens
+    if override.reasoning_tokens is not None:
+        reasoning = override.reasoning_tokens
+    completion = visible + reasoning
+    if override.completion_tokens is not None:
+        completion = override.completion_tokens
+        if override.reasoning_tokens is None:
+            reasoning = min(reasoning, completion)
+    return TokenUsage(prompt, completion, cached, reasoning)
 
 
 def _reported_usage(usage: TokenUsage, fault: FaultName | None) -> dict[str, Any]:

@@ -121,12 +121,11 @@ class EventStream(StreamingResponse):
 class TruncatedResponse(Response):
     """A JSON response whose ``content-length`` promises more than is ever sent."""
 
-    def __init__(self, content: dict[str, Any], status_code: int = 200) -> None:
+    def __init__(self, content: dict[str, Any], headers: Mapping[str, str] | None = None) -> None:
         full = JSONResponse(content).body
         super().__init__(
             full,
-            status_code=status_code,
-            headers=request_id_headers(),
+            headers={**request_id_headers(), **(headers or {})},
             media_type="application/json",
         )
         self._sent = full[: len(full) // 2]

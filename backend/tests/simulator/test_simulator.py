@@ -221,6 +221,21 @@ def test_latency_header_delays_the_answer(client: openai.OpenAI) -> None:
     assert time.monotonic() - started >= 0.3
 
 
+def test_chunk_delay_header_paces_the_stream(client: openai.OpenAI) -> None:
+    started = time.monotonic()
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"x-sim-chunk-delay-ms": "20"},
+        )
+    )
+
+    # One delay between consecutive events; the last event is [DONE], not a chunk.
+    assert time.monotonic() - started >= 0.02 * len(chunks)
+
+
 def _create(client: openai.OpenAI, fault: str, *, stream: bool, timeout: float = 10) -> Any:
     """One request with a fault header; a stream is read to its end."""
     result = client.chat.completions.create(
@@ -305,11 +320,15 @@ def test_absurd_usage_fault_reports_a_trillion_tokens(client: openai.OpenAI, str
     assert usage.completion_tokens == 10**12
 
 
-def test_unknown_fault_header_is_a_bad_request(client: openai.OpenAI) -> None:
+def test_unknown_fault_header_is_a_counted_bad_request(
+    client: openai.OpenAI, sim: SimulatorServer
+) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         _create(client, "teapot", stream=False)
 
-    assert caught.value.code == "invalid_sim_fault"
+    assert caught.value.code == "invalid_sim_header"
+    assert "x-sim-fault" in caught.value.message
+    assert sim.state.stats()["invalid"] == 1
 
 
 def test_every_fault_is_counted(client: openai.OpenAI, sim: SimulatorServer) -> None:
