@@ -50,6 +50,9 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "task_duration_seconds": ("histogram", frozenset({"status"})),
     "task_success_total": ("counter", frozenset({"status"})),
     "active_tasks": ("gauge", frozenset({"status"})),
+    # Beyond the contract, exposed by app/observability.py:
+    "llm_retries_total": ("counter", frozenset({"model"})),
+    "llm_tracking_errors_total": ("counter", frozenset({"stage"})),
 }
 # The closed sets of label values, where the contract fixes them.
 LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
@@ -68,6 +71,7 @@ LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
         {"succeeded", "failed", "budget_exceeded", "cancelled", "error"}
     ),
     ("active_tasks", "status"): frozenset({"queued", "running"}),
+    ("llm_tracking_errors_total", "stage"): frozenset({"span", "write", "metrics", "settle"}),
 }
 # Series Prometheus itself creates for every target, and the labels it adds to all series.
 PROMETHEUS_SERIES = frozenset({"up"})
