@@ -157,3 +157,6 @@ class TaskMetrics(Base):
     metric_name: Mapped[str] = mapped_column(String(64))
     metric_value: Mapped[Decimal] = mapped_column(Numeric(30, 12, asdecimal=True))
     timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+from app import models_budget  # noqa: E402, F401  (registers the budget tables)

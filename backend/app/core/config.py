@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BACKEND_DIR = Path(__file__).resolve().parents[2]
@@ -53,6 +53,52 @@ class Settings(BaseSettings):
     price_overrides: Annotated[dict[str, dict[str, Decimal]], NoDecode] = Field(
         default_factory=dict
     )
+
+    # Budgets, enforced before each LLM call (app/services/budgets.py). Amounts in USD, exact to
+    # the picodollar; unset or empty = unlimited. Windows are UTC calendar days and months; a
+    # task's budget covers its whole life. Per-user and per-task overrides: /api/v1/limits.
+    budget_enforcement: bool = Field(
+        default=True, description="Reserve each call's worst-case cost first; refuse over budget."
+    )
+    budget_task_max_usd: Decimal | None = Field(default=None, ge=0, le=1_000_000, decimal_places=12)
+    budget_user_daily_usd: Decimal | None = Field(
+        default=None, ge=0, le=1_000_000, decimal_places=12
+    )
+    budget_user_monthly_usd: Decimal | None = Field(
+        default=None, ge=0, le=1_000_000, decimal_places=12
+    )
+    budget_global_daily_usd: Decimal | None = Field(
+        default=None, ge=0, le=1_000_000, decimal_places=12
+    )
+    budget_soft_threshold: Decimal = Field(
+        default=Decimal("0.8"), gt=0, le=1, decimal_places=4, description="Warn at this share."
+    )
+    budget_reservation_ttl_seconds: float = Field(
+        default=3600.0,
+        ge=60,
+        description="A reservation older than this (its process died) is released.",
+    )
+    budget_default_max_output_tokens: int = Field(
+        default=4096, ge=1, le=10_000_000, description="Reserved when a call sets no max_tokens."
+    )
+
+    @field_validator(
+        "budget_task_max_usd",
+        "budget_user_daily_usd",
+        "budget_user_monthly_usd",
+        "budget_global_daily_usd",
+        mode="before",
+    )
+    @classmethod
+    def _blank_budget_is_unlimited(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _reservations_outlive_calls(self) -> Settings:
+        # A reservation released while its call is still running would let spend pass the cap.
+        if self.budget_reservation_ttl_seconds < self.openai_timeout_seconds:
+            raise ValueError("BUDGET_RESERVATION_TTL_SECONDS must be >= OPENAI_TIMEOUT_SECONDS")
+        return self
 
     # Telemetry
     enable_opentelemetry: bool = False

@@ -7,6 +7,8 @@ anything unexpected becomes a 500 with a generic body (the traceback goes to the
 from __future__ import annotations
 
 import logging
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,6 +53,60 @@ class Conflict(AppError):
 class InvalidInput(AppError):
     status_code = 422
     code = "invalid_input"
+
+
+class BudgetExceededError(AppError):
+    """A call would take a budget past its limit; it was refused before reaching the provider.
+
+    The 402 body carries the scope, its subject (task or user id; null for the global scope),
+    the window (UTC; null for a task, whose budget covers its whole life) and, in USD as exact
+    decimal strings, the limit, spent, reserved (by calls in flight), remaining and requested.
+    """
+
+    status_code = 402
+    code = "budget_exceeded"
+
+    def __init__(
+        self,
+        *,
+        scope: str,
+        subject_id: str | None,
+        window_start: date | None,
+        window_end: date | None,
+        limit_usd: Decimal,
+        spent_usd: Decimal,
+        reserved_usd: Decimal,
+        requested_usd: Decimal,
+    ) -> None:
+        self.scope = scope
+        self.subject_id = subject_id
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.requested_usd = requested_usd
+        self.remaining_usd = max(limit_usd - spent_usd - reserved_usd, Decimal(0))
+        who = f" of {subject_id}" if subject_id else ""
+        super().__init__(
+            f"Budget {scope}{who} exceeded: limit ${limit_usd:f}, spent ${spent_usd:f}, "
+            f"reserved ${reserved_usd:f}, remaining ${self.remaining_usd:f}; "
+            f"this call may cost up to ${requested_usd:f}.",
+            scope=scope,
+            subject_id=subject_id,
+            window_start=window_start.isoformat() if window_start else None,
+            window_end=window_end.isoformat() if window_end else None,
+            limit_usd=format(limit_usd, "f"),
+            spent_usd=format(spent_usd, "f"),
+            reserved_usd=format(reserved_usd, "f"),
+            remaining_usd=format(self.remaining_usd, "f"),
+            requested_usd=format(requested_usd, "f"),
+        )
+
+
+class BudgetUnavailableError(AppError):
+    """Budgets are configured but cannot be checked (the database is unreachable)."""
+
+    status_code = 503
+    code = "budget_unavailable"
 
 
 def install_error_handlers(app: FastAPI) -> None:

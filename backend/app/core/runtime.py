@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
 from app.core.db import create_db_engine, create_session_factory
+from app.services.budgets import DatabaseBudgetGuard
 from app.services.pricing import PriceBook
 from app.services.usage_spool import UsageSpool
 from app.services.usage_writer import SpoolReplayer, UsageWriter
@@ -120,6 +121,9 @@ class Runtime:
             llm_endpoint="simulator" if simulator is not None else base_url,
             simulator=simulator,
         )
+        if settings.budget_enforcement:
+            guard = DatabaseBudgetGuard(engine, settings, runtime.price_book)
+            runtime.extras["budget_guard"] = guard
         if start_background:
             runtime.replayer = SpoolReplayer(writer, settings.spool_replay_interval_seconds)
             runtime.replayer.start()

@@ -1,0 +1,1 @@
+"""Pydantic models of the HTTP API's requests and responses (what ``/docs`` shows)."""

@@ -1,0 +1,404 @@
+"""Budgets enforced before each LLM call: reserve the worst case, settle to the real cost.
+
+Scopes (``BudgetScope``) and their windows, all in UTC:
+
+- ``task``: everything a task spends, over its whole life;
+- ``user_daily`` / ``user_monthly``: a user's spend in the current calendar day / month;
+- ``global_daily``: everyone's spend in the current calendar day.
+
+Calendar windows rather than rolling ones: each window is one counter row, so admitting a call
+is one conditional UPDATE per scope, race-free across processes; a rolling 24 h window would
+need a scan of recent calls (or many bucket rows) under a lock. The price is the boundary: a
+user can spend up to a day's limit just before midnight UTC and another just after.
+
+Limits come from the environment (``BUDGET_*``; unset = unlimited) unless an administrator set an
+override for the scope and subject through ``/api/v1/limits`` (an override may also be
+"unlimited"). Counters are kept for every scope whether or not it is limited, so a limit set in
+the middle of a window applies to what was already spent in it.
+
+Before a call, ``DatabaseBudgetGuard.reserve`` computes the call's worst-case cost: estimated
+prompt tokens (``estimate_prompt_tokens``: 4 characters a token plus 4 per message, plus the tool
+definitions and ``PROMPT_OVERHEAD_TOKENS``) at the input price, plus ``max_completion_tokens`` or
+``max_tokens`` (else ``BUDGET_DEFAULT_MAX_OUTPUT_TOKENS``) times ``n`` at the output price. In one
+transaction it adds that amount to the reserved total of each scope's counter with a conditional
+UPDATE (``spent + reserved + amount <= limit``) and records the reservation with an expiry; if any
+scope refuses, the transaction rolls back and ``BudgetExceededError`` names the first scope that
+refused. After the call, ``settle`` replaces the reservation with the call's recorded cost (0 on
+a plain error or cancellation; the real cost even when it exceeds the reservation, so no spend is
+ever lost), booked in the UTC day the usage ledger books it. Reservations of a process that died
+expire after ``BUDGET_RESERVATION_TTL_SECONDS`` and are reclaimed by the next sweep (every minute
+from the reserve path, and at once when a scope refuses a call).
+
+Models without a known price reserve 0: they are admitted only while their scopes still have
+something left, and their calls (recorded ``unpriced``) add nothing to spend — give them a price
+in ``PRICE_OVERRIDES`` to budget them.
+
+If the database cannot be reached, calls are refused with ``BudgetUnavailableError`` (503) when
+any ``BUDGET_*`` default limit is set; with none set they go ahead unmetered (logged, and counted
+in ``llm_tracking_errors_total{stage="budget"}``), as per-user and per-task overrides cannot be
+read then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.core.config import Settings
+from app.core.errors import BudgetExceededError, BudgetUnavailableError
+from app.core.money import pico_to_usd, usd_to_pico
+from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
+from app.services import budgets_store as store
+from app.services.budgets_store import BudgetScope, CounterKey, CounterState
+from app.services.llm_tracking import CallContext, estimate_prompt_tokens, estimate_tokens
+from app.services.pricing import PriceBook, TokenUsage
+from app.services.usage_record import UsageRecord
+
+__all__ = [
+    "BudgetExceededError",
+    "BudgetScope",
+    "BudgetUnavailableError",
+    "DatabaseBudgetGuard",
+    "Reservation",
+    "WorstCase",
+    "worst_case_tokens",
+]
+
+logger = logging.getLogger(__name__)
+
+LimitSource = Literal["override", "default", "none"]
+# Tokens every chat request carries beyond its messages (the reply's priming).
+PROMPT_OVERHEAD_TOKENS = 3
+# The task scope has one window, its whole life; this is its ``window_start``.
+TASK_WINDOW = date(1970, 1, 1)
+SWEEP_INTERVAL_SECONDS = 60.0
+SWEEP_BATCH = 500
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- windows ----------------------------------------------------------------------------------
+
+
+def window_start(scope: BudgetScope, day: date) -> date:
+    if scope is BudgetScope.TASK:
+        return TASK_WINDOW
+    if scope is BudgetScope.USER_MONTHLY:
+        return day.replace(day=1)
+    return day
+
+
+def window_end(scope: BudgetScope, start: date) -> date | None:
+    """The first day after the window (exclusive end), None for a task."""
+    if scope is BudgetScope.TASK:
+        return None
+    if scope is BudgetScope.USER_MONTHLY:
+        return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return start + timedelta(days=1)
+
+
+def counter_keys(task_id: str | None, user_id: str | None, day: date) -> list[CounterKey]:
+    """The counters a call of this task and user on this UTC day is booked to, in lock order."""
+    keys: list[CounterKey] = []
+    if task_id:
+        keys.append(CounterKey(BudgetScope.TASK, task_id, TASK_WINDOW))
+    if user_id:
+        keys.append(CounterKey(BudgetScope.USER_DAILY, user_id, day))
+        keys.append(CounterKey(BudgetScope.USER_MONTHLY, user_id, day.replace(day=1)))
+    keys.append(CounterKey(BudgetScope.GLOBAL_DAILY, "", day))
+    return keys
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """The effective limit of one scope for one subject (None = unlimited)."""
+
+    limit_pico: int | None
+    soft_threshold: Decimal
+    source: LimitSource
+
+
+def default_limit_pico(settings: Settings, scope: BudgetScope) -> int | None:
+    usd = {
+        BudgetScope.TASK: settings.budget_task_max_usd,
+        BudgetScope.USER_DAILY: settings.budget_user_daily_usd,
+        BudgetScope.USER_MONTHLY: settings.budget_user_monthly_usd,
+        BudgetScope.GLOBAL_DAILY: settings.budget_global_daily_usd,
+    }[scope]
+    return None if usd is None else usd_to_pico(usd)
+
+
+def effective_limit(
+    settings: Settings, scope: BudgetScope, override: store.OverrideRow | None
+) -> Limit:
+    threshold = settings.budget_soft_threshold
+    if override is not None:
+        return Limit(override.limit_pico, override.soft_threshold or threshold, "override")
+    default = default_limit_pico(settings, scope)
+    return Limit(default, threshold, "none" if default is None else "default")
+
+
+def resolve_limits(
+    conn: Connection, settings: Settings, keys: list[CounterKey]
+) -> dict[BudgetScope, Limit]:
+    overrides = store.read_overrides(conn, [(k.scope, k.subject_id) for k in keys])
+    return {k.scope: effective_limit(settings, k.scope, overrides.get(k.scope)) for k in keys}
+
+
+def any_default_limit(settings: Settings) -> bool:
+    return any(default_limit_pico(settings, scope) is not None for scope in BudgetScope)
+
+
+# -- the worst case ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorstCase:
+    prompt_tokens: int
+    completion_tokens: int
+    cost_pico: int
+    priced: bool
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def worst_case_tokens(request: Mapping[str, Any], default_max_output: int) -> TokenUsage:
+    """The most tokens a request may be billed for, as far as can be known before it is sent."""
+    prompt = estimate_prompt_tokens(request.get("messages") or []) + PROMPT_OVERHEAD_TOKENS
+    for extra in ("tools", "functions", "response_format"):
+        if request.get(extra):
+            prompt += estimate_tokens(json.dumps(request[extra], default=str))
+    output = (
+        _positive_int(request.get("max_completion_tokens"))
+        or _positive_int(request.get("max_tokens"))
+        or default_max_output
+    )
+    choices = _positive_int(request.get("n")) or 1
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=output * choices)
+
+
+def worst_case(
+    price_book: PriceBook, model: str, request: Mapping[str, Any], default_max_output: int
+) -> WorstCase:
+    tokens = worst_case_tokens(request, default_max_output)
+    price = price_book.unit_price(model)
+    cost = 0 if price is None else usd_to_pico(price.cost(tokens))
+    return WorstCase(tokens.prompt_tokens, tokens.completion_tokens, cost, price is not None)
+
+
+# -- the guard --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The handle ``reserve`` returns and ``settle`` consumes."""
+
+    id: str
+    amount_pico: int
+    task_id: str | None
+    user_id: str | None
+    window_day: date
+    limits: Mapping[BudgetScope, Limit]
+
+
+class DatabaseBudgetGuard:
+    """The ``BudgetGuard`` of ``LLMClient``: counters in the database, shared by all processes.
+
+    Thread-safe; one per ``Runtime`` (``runtime.extras["budget_guard"]``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        price_book: PriceBook,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._price_book = price_book
+        self._clock = clock
+        self._ttl = timedelta(seconds=settings.budget_reservation_ttl_seconds)
+        self._sweep_lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def worst_case(self, model: str, request: Mapping[str, Any]) -> WorstCase:
+        return worst_case(
+            self._price_book, model, request, self._settings.budget_default_max_output_tokens
+        )
+
+    def reserve(
+        self, *, context: CallContext, model: str, request: Mapping[str, Any]
+    ) -> Reservation | None:
+        """Reserve the call's worst-case cost on every scope, or raise ``BudgetExceededError``.
+
+        Returns None (nothing to settle) only when the database is unreachable and no default
+        limit is configured.
+        """
+        now = self._clock()
+        amount = self.worst_case(model, request).cost_pico
+        try:
+            self._sweep_if_due(now)
+            try:
+                return self._reserve(context, amount, now)
+            except BudgetExceededError:
+                # A dead process's reservations may be what fills the scope: reclaim, retry once.
+                if self.sweep_expired(now=now) == 0:
+                    raise
+                return self._reserve(context, amount, now)
+        except BudgetExceededError as exc:
+            LLM_BUDGET_BLOCKED.labels(exc.scope).inc()
+            raise
+        except SQLAlchemyError as exc:
+            self._unavailable(exc)
+            return None
+
+    def _reserve(self, context: CallContext, amount: int, now: datetime) -> Reservation:
+        day = now.date()
+        keys = counter_keys(context.task_id, context.user_id, day)
+        reservation_id = uuid.uuid4().hex
+        # Raising inside the block rolls back every scope's increment made before it.
+        with self._engine.begin() as conn:
+            limits = resolve_limits(conn, self._settings, keys)
+            for key in keys:
+                limit = limits[key.scope].limit_pico
+                if not store.try_reserve(conn, key, amount, limit, now):
+                    state = store.read_counter(conn, key) or CounterState()
+                    raise self._exceeded(key, limit or 0, state, amount)
+            store.insert_reservation(
+                conn,
+                store.ReservationRow(reservation_id, amount, context.task_id, context.user_id, day),
+                created_at=now,
+                expires_at=now + self._ttl,
+            )
+        return Reservation(reservation_id, amount, context.task_id, context.user_id, day, limits)
+
+    @staticmethod
+    def _exceeded(
+        key: CounterKey, limit_pico: int, state: CounterState, amount: int
+    ) -> BudgetExceededError:
+        return BudgetExceededError(
+            scope=key.scope.value,
+            subject_id=key.subject_id or None,
+            window_start=None if key.scope is BudgetScope.TASK else key.window_start,
+            window_end=window_end(key.scope, key.window_start),
+            limit_usd=pico_to_usd(limit_pico),
+            spent_usd=pico_to_usd(state.spent_pico),
+            reserved_usd=pico_to_usd(state.reserved_pico),
+            requested_usd=pico_to_usd(amount),
+        )
+
+    def _unavailable(self, exc: SQLAlchemyError) -> None:
+        TRACKING_ERRORS.labels("budget").inc()
+        if any_default_limit(self._settings):
+            raise BudgetUnavailableError(
+                "Budgets cannot be checked (database unreachable); the call was not made."
+            ) from exc
+        logger.warning("Budget store unreachable; the call goes ahead unmetered: %s", exc)
+
+    def settle(self, reservation: Reservation, record: UsageRecord) -> None:
+        """Replace the reservation with the call's recorded cost, in one transaction.
+
+        The spend is booked in the UTC day (and month) of the record, as the usage ledger books
+        it; the reservation is released from the windows it was taken in, unless a sweep already
+        reclaimed it.
+        """
+        now = self._clock()
+        actual = max(record.cost_pico_usd, 0)
+        spend_day = record.timestamp.astimezone(UTC).date()
+        deltas: dict[CounterKey, tuple[int, int]] = {}
+        with self._engine.begin() as conn:
+            released = store.delete_reservation(conn, reservation.id)
+            if released:
+                for key in counter_keys(
+                    reservation.task_id, reservation.user_id, reservation.window_day
+                ):
+                    deltas[key] = (0, -reservation.amount_pico)
+            if actual:
+                for key in counter_keys(reservation.task_id, reservation.user_id, spend_day):
+                    spent, reserved = deltas.get(key, (0, 0))
+                    deltas[key] = (spent + actual, reserved)
+            after = store.apply_counter_deltas(conn, deltas, now)
+            warned = [
+                key
+                for key, state in after.items()
+                if self._crossed_soft_limit(reservation.limits.get(key.scope), state)
+                and store.mark_soft_warned(conn, key)
+            ]
+        if not released:
+            logger.warning(
+                "Reservation %s had expired before its call settled; "
+                "BUDGET_RESERVATION_TTL_SECONDS is shorter than that call.",
+                reservation.id,
+            )
+        for key in warned:
+            self._warn_soft_limit(key, reservation.limits[key.scope], after[key])
+
+    @staticmethod
+    def _crossed_soft_limit(limit: Limit | None, state: CounterState) -> bool:
+        if limit is None or limit.limit_pico is None or state.soft_warned:
+            return False
+        return state.spent_pico >= limit.soft_threshold * limit.limit_pico
+
+    @staticmethod
+    def _warn_soft_limit(key: CounterKey, limit: Limit, state: CounterState) -> None:
+        LLM_BUDGET_SOFT_LIMIT.labels(key.scope.value).inc()
+        logger.warning(
+            "Budget %s%s reached %s%% of its limit: spent $%s of $%s (window from %s).",
+            key.scope.value,
+            f" of {key.subject_id}" if key.subject_id else "",
+            (limit.soft_threshold * 100).normalize(),
+            format(pico_to_usd(state.spent_pico), "f"),
+            format(pico_to_usd(limit.limit_pico), "f"),
+            key.window_start.isoformat(),
+        )
+
+    # -- expiry ---------------------------------------------------------------------------
+
+    def sweep_expired(self, *, now: datetime | None = None) -> int:
+        """Release the reservations whose expiry has passed; how many were released."""
+        now = now or self._clock()
+        total = 0
+        while True:
+            with self._engine.begin() as conn:
+                expired = store.delete_expired_reservations(conn, now, SWEEP_BATCH)
+                deltas: dict[CounterKey, tuple[int, int]] = {}
+                for row in expired:
+                    for key in counter_keys(row.task_id, row.user_id, row.window_day):
+                        deltas[key] = (0, deltas.get(key, (0, 0))[1] - row.amount_pico)
+                store.apply_counter_deltas(conn, deltas, now)
+            if expired:
+                logger.warning("Released %d expired budget reservations", len(expired))
+            total += len(expired)
+            if len(expired) < SWEEP_BATCH:
+                return total
+
+    def _sweep_if_due(self, now: datetime) -> None:
+        if time.monotonic() < self._next_sweep or not self._sweep_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL_SECONDS
+            self.sweep_expired(now=now)
+        finally:
+            self._sweep_lock.release()

@@ -1,0 +1,315 @@
+"""The budget SQL: counters, reservations and limit overrides (tables in ``app.models_budget``).
+
+Every function runs inside the caller's transaction and never commits. Writers touch counter
+rows in ``CounterKey.lock_order`` so that concurrent transactions on PostgreSQL never deadlock;
+on SQLite the first statement of each writing transaction is a write, so it takes the database
+write lock at once and never has to upgrade a read snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app.models_budget import BudgetCounter, BudgetLimitOverride, BudgetReservation
+
+_counter = cast(Table, BudgetCounter.__table__)
+_reservation = cast(Table, BudgetReservation.__table__)
+_override = cast(Table, BudgetLimitOverride.__table__)
+
+
+class BudgetScope(StrEnum):
+    """What a limit applies to; also the ``scope`` label of the budget metrics."""
+
+    TASK = "task"
+    USER_DAILY = "user_daily"
+    USER_MONTHLY = "user_monthly"
+    GLOBAL_DAILY = "global_daily"
+
+
+_LOCK_RANK = {scope: rank for rank, scope in enumerate(BudgetScope)}
+
+
+@dataclass(frozen=True, slots=True)
+class CounterKey:
+    """One counter row: a scope, its subject ('' for the global scope) and a window."""
+
+    scope: BudgetScope
+    subject_id: str
+    window_start: date
+
+    @property
+    def lock_order(self) -> tuple[int, str, date]:
+        return (_LOCK_RANK[self.scope], self.subject_id, self.window_start)
+
+    def _where(self) -> Any:
+        return and_(
+            _counter.c.scope == self.scope.value,
+            _counter.c.subject_id == self.subject_id,
+            _counter.c.window_start == self.window_start,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    spent_pico: int = 0
+    reserved_pico: int = 0
+    soft_warned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideRow:
+    scope: BudgetScope
+    subject_id: str
+    limit_pico: int | None
+    soft_threshold: Decimal | None
+    updated_by: str | None
+    updated_at: datetime
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+
+def _insert_ignore(conn: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"Unsupported database dialect: {conn.dialect.name}")
+
+
+def ensure_counter(conn: Connection, key: CounterKey, now: datetime) -> None:
+    """Create the counter row at zero unless it exists (a concurrent creator wins quietly)."""
+    stmt = (
+        _insert_ignore(conn, _counter)
+        .values(
+            scope=key.scope.value,
+            subject_id=key.subject_id,
+            window_start=key.window_start,
+            spent_pico_usd=0,
+            reserved_pico_usd=0,
+            soft_warned=False,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing()
+    )
+    conn.execute(stmt)
+
+
+def try_reserve(
+    conn: Connection, key: CounterKey, amount_pico: int, limit_pico: int | None, now: datetime
+) -> bool:
+    """Add ``amount_pico`` to the key's reserved total if the limit allows it; True if added.
+
+    One conditional UPDATE: the database re-checks ``spent + reserved + amount <= limit`` on the
+    row it locks, so concurrent reservations can never pass the limit together. A zero amount
+    (a model without a known price) passes only while something of the limit is left.
+    """
+    stmt = (
+        update(_counter)
+        .where(key._where())
+        .values(reserved_pico_usd=_counter.c.reserved_pico_usd + amount_pico, updated_at=now)
+    )
+    if limit_pico is not None:
+        committed = _counter.c.spent_pico_usd + _counter.c.reserved_pico_usd
+        stmt = stmt.where(
+            committed + amount_pico <= limit_pico if amount_pico > 0 else committed < limit_pico
+        )
+    if conn.execute(stmt).rowcount == 1:
+        return True
+    # No row matched: over the limit, or no row yet (perhaps created by another transaction
+    # since). Make sure it exists, then the second UPDATE's answer is final.
+    ensure_counter(conn, key, now)
+    return bool(conn.execute(stmt).rowcount == 1)
+
+
+def read_counter(conn: Connection, key: CounterKey) -> CounterState | None:
+    row = conn.execute(
+        select(
+            _counter.c.spent_pico_usd, _counter.c.reserved_pico_usd, _counter.c.soft_warned
+        ).where(key._where())
+    ).first()
+    if row is None:
+        return None
+    return CounterState(int(row[0]), int(row[1]), bool(row[2]))
+
+
+def apply_counter_deltas(
+    conn: Connection, deltas: Mapping[CounterKey, tuple[int, int]], now: datetime
+) -> dict[CounterKey, CounterState]:
+    """Add ``(spent, reserved)`` deltas to each counter, in lock order; the states after."""
+    after: dict[CounterKey, CounterState] = {}
+    for key in sorted(deltas, key=lambda k: k.lock_order):
+        spent, reserved = deltas[key]
+        stmt = (
+            update(_counter)
+            .where(key._where())
+            .values(
+                spent_pico_usd=_counter.c.spent_pico_usd + spent,
+                reserved_pico_usd=_counter.c.reserved_pico_usd + reserved,
+                updated_at=now,
+            )
+            .returning(
+                _counter.c.spent_pico_usd, _counter.c.reserved_pico_usd, _counter.c.soft_warned
+            )
+        )
+        row = conn.execute(stmt).first()
+        if row is None:
+            # Spend landing in a window no reservation opened yet (a call that ran past midnight).
+            ensure_counter(conn, key, now)
+            row = conn.execute(stmt).one()
+        after[key] = CounterState(int(row[0]), int(row[1]), bool(row[2]))
+    return after
+
+
+def mark_soft_warned(conn: Connection, key: CounterKey) -> bool:
+    """Flag the window as warned; True only for the one transaction that flipped the flag."""
+    stmt = (
+        update(_counter)
+        .where(key._where(), _counter.c.soft_warned.is_(False))
+        .values(soft_warned=True)
+    )
+    return bool(conn.execute(stmt).rowcount == 1)
+
+
+# -- reservations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRow:
+    id: str
+    amount_pico: int
+    task_id: str | None
+    user_id: str | None
+    window_day: date
+
+
+def insert_reservation(
+    conn: Connection, row: ReservationRow, *, created_at: datetime, expires_at: datetime
+) -> None:
+    conn.execute(
+        insert(_reservation).values(
+            id=row.id,
+            amount_pico_usd=row.amount_pico,
+            task_id=row.task_id,
+            user_id=row.user_id,
+            window_day=row.window_day,
+            created_at=created_at,
+            expires_at=expires_at,
+        )
+    )
+
+
+def delete_reservation(conn: Connection, reservation_id: str) -> bool:
+    """Remove an open reservation; False if it was already gone (expired and reclaimed)."""
+    result = conn.execute(delete(_reservation).where(_reservation.c.id == reservation_id))
+    return bool(result.rowcount == 1)
+
+
+def delete_expired_reservations(
+    conn: Connection, now: datetime, limit: int
+) -> list[ReservationRow]:
+    """Remove up to ``limit`` reservations past their expiry and return them.
+
+    Two sweepers never return the same reservation: the DELETE locks each row, and a row
+    another transaction deleted first is skipped.
+    """
+    expired = (
+        select(_reservation.c.id)
+        .where(_reservation.c.expires_at < now)
+        .order_by(_reservation.c.id)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    stmt = (
+        delete(_reservation)
+        .where(_reservation.c.id.in_(expired), _reservation.c.expires_at < now)
+        .returning(
+            _reservation.c.id,
+            _reservation.c.amount_pico_usd,
+            _reservation.c.task_id,
+            _reservation.c.user_id,
+            _reservation.c.window_day,
+        )
+    )
+    return [ReservationRow(r[0], int(r[1]), r[2], r[3], r[4]) for r in conn.execute(stmt)]
+
+
+def count_open_reservations(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(_reservation)).scalar_one())
+
+
+# -- limit overrides --------------------------------------------------------------------------
+
+
+def _override_row(row: Any) -> OverrideRow:
+    return OverrideRow(
+        scope=BudgetScope(row.scope),
+        subject_id=row.subject_id,
+        limit_pico=None if row.limit_pico_usd is None else int(row.limit_pico_usd),
+        soft_threshold=row.soft_threshold,
+        updated_by=row.updated_by,
+        updated_at=row.updated_at,
+    )
+
+
+def read_overrides(
+    conn: Connection, subjects: Iterable[tuple[BudgetScope, str]]
+) -> dict[BudgetScope, OverrideRow]:
+    """The overrides of the given ``(scope, subject)`` pairs, in one query."""
+    wanted = [(s.value, subject) for s, subject in subjects]
+    if not wanted:
+        return {}
+    stmt = select(_override).where(
+        or_(*(and_(_override.c.scope == s, _override.c.subject_id == sub) for s, sub in wanted))
+    )
+    return {BudgetScope(r.scope): _override_row(r) for r in conn.execute(stmt)}
+
+
+def upsert_override(
+    conn: Connection,
+    scope: BudgetScope,
+    subject_id: str,
+    *,
+    limit_pico: int | None,
+    soft_threshold: Decimal | None,
+    updated_by: str | None,
+    now: datetime,
+) -> None:
+    values = {
+        "limit_pico_usd": limit_pico,
+        "soft_threshold": soft_threshold,
+        "updated_by": updated_by,
+        "updated_at": now,
+    }
+    stmt = (
+        _insert_ignore(conn, _override)
+        .values(scope=scope.value, subject_id=subject_id, **values)
+        .on_conflict_do_update(index_elements=["scope", "subject_id"], set_=values)
+    )
+    conn.execute(stmt)
+
+
+def delete_override(conn: Connection, scope: BudgetScope, subject_id: str) -> bool:
+    result = conn.execute(
+        delete(_override).where(
+            _override.c.scope == scope.value, _override.c.subject_id == subject_id
+        )
+    )
+    return bool(result.rowcount == 1)
+
+
+def list_overrides(
+    conn: Connection, scope: BudgetScope | None, *, limit: int, offset: int
+) -> Sequence[OverrideRow]:
+    stmt = select(_override).order_by(_override.c.scope, _override.c.subject_id)
+    if scope is not None:
+        stmt = stmt.where(_override.c.scope == scope.value)
+    return [_override_row(r) for r in conn.execute(stmt.limit(limit).offset(offset))]
