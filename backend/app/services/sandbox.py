@@ -355,7 +355,10 @@ def _pump(process: subprocess.Popen[bytes], output: _CappedOutput, deadline: flo
 def _has_exited(process: subprocess.Popen[bytes]) -> bool:
     # WNOWAIT leaves the child a zombie, so its PID, which is also the process group's id,
     # cannot be reused before _kill_group has signalled the group.
-    status = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    try:
+        status = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True  # reaped by someone else (a process-wide child watcher)
     return status is not None
 
 

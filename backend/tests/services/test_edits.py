@@ -331,6 +331,17 @@ def test_diff_with_wrong_line_numbers_and_counts_applies_by_context(repo: Path) 
     assert any("hunk 1: applied at line 5" in note for note in result.notes)
 
 
+def test_diff_hunk_matching_several_places_goes_where_its_header_says(repo: Path) -> None:
+    (repo / "twice.py").write_text("x = 1\ny = 2\n\nx = 1\ny = 2\n")
+    reply = (
+        "```diff\n--- a/twice.py\n+++ b/twice.py\n@@ -4,2 +4,2 @@\n x = 1\n-y = 2\n+y = 3\n```\n"
+    )
+
+    apply_reply(repo, reply)
+
+    assert (repo / "twice.py").read_text() == "x = 1\ny = 2\n\nx = 1\ny = 3\n"
+
+
 def test_diff_hunk_blank_context_line_without_leading_space_is_context(repo: Path) -> None:
     reply = (
         "```diff\n--- a/pkg/calc.py\n+++ b/pkg/calc.py\n@@ -2,4 +2,4 @@\n"

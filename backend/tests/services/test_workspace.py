@@ -410,12 +410,10 @@ def test_hanging_command_is_killed_with_its_grandchildren(
     tmp_path: Path, isolation: Isolation
 ) -> None:
     pid_file = tmp_path / "grandchild.pid"
-    # /proc/self names the grandchild's PID as this test sees it, even inside a PID namespace.
-    grandchild = (
-        "import os, time; "
-        f"open({str(pid_file)!r}, 'w').write(os.readlink('/proc/self')); time.sleep(1000)"
-    )
-    script = f'{PY} -c "{grandchild}" & sleep 1000'
+    # The grandchild shell records its PID as this test sees it (/proc is this namespace's,
+    # even inside a PID namespace), then becomes `sleep` under the same PID.
+    grandchild = f'read -r pid rest < /proc/self/stat; echo "$pid" > {pid_file}; exec sleep 1000'
+    script = f"sh -c '{grandchild}' & sleep 1000"
 
     result = run_sandboxed(["sh", "-c", script], tmp_path, timeout_s=1.5, isolation=isolation)
 
@@ -483,6 +481,36 @@ def test_output_flood_is_capped_head_and_tail(tmp_path: Path) -> None:
     assert result.output.startswith("FIRST\n")
     assert result.output.endswith("LAST\n")
     assert "bytes of output omitted" in result.output
+
+
+MEASURE_FLOOD = """
+import re, sys
+from pathlib import Path
+from app.services.sandbox import run_sandboxed
+result = run_sandboxed(
+    ["sh", "-c", "yes | head -c 100000000"], Path(sys.argv[1]), timeout_s=60, max_output_bytes=65536
+)
+assert result.output_bytes == 100_000_000, result
+status = Path("/proc/self/status").read_text()
+print(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+"""
+
+
+def test_output_flood_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    # A fresh interpreter, so that its peak RSS measures this run alone. VmHWM, not ru_maxrss:
+    # the latter carries over the high-water mark of the forked copy of this (big) process.
+    backend = Path(__file__).resolve().parents[2]
+    measured = subprocess.run(
+        [PY, "-c", MEASURE_FLOOD, str(tmp_path)],
+        cwd=backend,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    peak_mib = int(measured.stdout) / 1024
+    assert peak_mib < 64, f"reading 100 MB of output peaked at {peak_mib:.0f} MiB"
 
 
 def test_secrets_in_the_service_environment_never_reach_the_child(
