@@ -1,15 +1,36 @@
-"""Reads of the usage ledger. All SQL over ``llm_usage`` and its rollup lives here."""
+"""Reads of the usage ledger. All SQL over ``llm_usage`` and its rollup lives here.
+
+The reports read ``usage_rollup_daily`` (one row per day, user, task, model and agent), so their
+cost grows with the number of distinct keys in the window, not with the number of calls. The
+``raw_*`` variants compute the same figures from ``llm_usage`` itself; they exist to check the
+rollup against its source (tests, ``bench/usage_endpoints.py``) and only see rows that retention
+has not pruned yet.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Date,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+)
 
 from app.core.money import pico_to_usd
-from app.models import LLMUsage
+from app.models import LATENCY_BUCKETS_MS, LLMUsage, UsageRollupDaily
+
+BUCKET_COUNT = len(LATENCY_BUCKETS_MS) + 1  # the finite buckets and the overflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,15 +42,33 @@ class SpendTotals:
     cost_usd: Decimal
 
 
-def _totals(conn: Connection, *conditions: object) -> SpendTotals:
+def task_spend(conn: Connection, task_id: str) -> SpendTotals:
+    """Everything a task's calls have cost (all time; from the rollup, so pruning keeps it)."""
+    r = UsageRollupDaily
+    stmt = select(
+        func.coalesce(func.sum(r.requests), 0),
+        func.coalesce(func.sum(r.prompt_tokens), 0),
+        func.coalesce(func.sum(r.completion_tokens), 0),
+        func.coalesce(func.sum(r.total_tokens), 0),
+        func.coalesce(func.sum(r.cost_pico_usd), 0),
+    ).where(r.task_id == task_id)
+    return _spend_totals(conn.execute(stmt).one())
+
+
+def user_spend(conn: Connection, user_id: str, days: int = 30) -> SpendTotals:
+    """A user's spend over the last ``days`` x 24 hours (raw rows: a rolling, not daily, window)."""
+    since = datetime.now(UTC) - timedelta(days=days)
     stmt = select(
         func.count(LLMUsage.id),
         func.coalesce(func.sum(LLMUsage.prompt_tokens), 0),
         func.coalesce(func.sum(LLMUsage.completion_tokens), 0),
         func.coalesce(func.sum(LLMUsage.total_tokens), 0),
         func.coalesce(func.sum(LLMUsage.cost_pico_usd), 0),
-    ).where(*conditions)  # type: ignore[arg-type]
-    row = conn.execute(stmt).one()
+    ).where(LLMUsage.user_id == user_id, LLMUsage.timestamp >= since)
+    return _spend_totals(conn.execute(stmt).one())
+
+
+def _spend_totals(row: Sequence[Any]) -> SpendTotals:
     return SpendTotals(
         requests=int(row[0]),
         prompt_tokens=int(row[1]),
@@ -39,12 +78,196 @@ def _totals(conn: Connection, *conditions: object) -> SpendTotals:
     )
 
 
-def task_spend(conn: Connection, task_id: str) -> SpendTotals:
-    """Everything a task's calls have cost (all time)."""
-    return _totals(conn, LLMUsage.task_id == task_id)
+# -- usage reports -------------------------------------------------------------------------
+
+COUNT_FIELDS: tuple[str, ...] = (
+    "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "cost_pico_usd",
+)  # fmt: skip
 
 
-def user_spend(conn: Connection, user_id: str, days: int = 30) -> SpendTotals:
-    """A user's spend over the last ``days`` days."""
-    since = datetime.now(UTC) - timedelta(days=days)
-    return _totals(conn, LLMUsage.user_id == user_id, LLMUsage.timestamp >= since)
+@dataclass(slots=True)
+class UsageSums:
+    """Additive figures of a set of calls: counts, tokens, picodollars and a latency histogram."""
+
+    requests: int = 0
+    successes: int = 0
+    errors: int = 0
+    blocked: int = 0
+    unpriced_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost_pico_usd: int = 0
+    latency_ms_sum: float = 0.0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * BUCKET_COUNT)
+
+    def add(self, other: UsageSums) -> None:
+        for name in COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latency_ms_sum += other.latency_ms_sum
+        self.latency_buckets = [
+            a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """The sums of one (UTC day, model, agent) cell; ``agent`` is '' when calls had none."""
+
+    day: date
+    model: str
+    agent: str
+    sums: UsageSums
+
+
+def _groups(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
+    groups = []
+    for row in rows:
+        day, model, agent, *values = row
+        counts = [int(v or 0) for v in values[: len(COUNT_FIELDS)]]
+        latency_sum = float(values[len(COUNT_FIELDS)] or 0.0)
+        buckets = [int(v or 0) for v in values[len(COUNT_FIELDS) + 1 :]]
+        sums = UsageSums(
+            **dict(zip(COUNT_FIELDS, counts, strict=True)),
+            latency_ms_sum=latency_sum,
+            latency_buckets=buckets,
+        )
+        if isinstance(day, str):  # SQLite's date() returns text
+            day = date.fromisoformat(day)
+        groups.append(UsageGroup(day=day, model=model, agent=agent or "", sums=sums))
+    return groups
+
+
+def rollup_usage_groups(
+    conn: Connection,
+    *,
+    task_id: str | None = None,
+    user_id: str | None = None,
+    since_day: date | None = None,
+    until_day: date | None = None,
+) -> list[UsageGroup]:
+    """Sums per (day, model, agent) from the rollup, for days in ``[since_day, until_day)``."""
+    r = UsageRollupDaily
+    buckets = [r.__table__.c[f"lat_b{i:02d}"] for i in range(BUCKET_COUNT)]
+    sums = [func.sum(r.__table__.c[name]) for name in (*COUNT_FIELDS, "latency_ms_sum")]
+    conditions: list[ColumnElement[bool]] = []
+    if task_id is not None:
+        conditions.append(r.task_id == task_id)
+    if user_id is not None:
+        conditions.append(r.user_id == user_id)
+    if since_day is not None:
+        conditions.append(r.day >= since_day)
+    if until_day is not None:
+        conditions.append(r.day < until_day)
+    stmt = (
+        select(r.day, r.model, r.agent, *sums, *(func.sum(b) for b in buckets))
+        .where(and_(True, *conditions))
+        .group_by(r.day, r.model, r.agent)
+    )
+    return _groups(conn.execute(stmt).all())
+
+
+def _utc_day(conn: Connection, column: Any) -> ColumnElement[Any]:
+    if conn.dialect.name == "postgresql":
+        # timestamptz::date would use the session's time zone; the rollup's days are UTC.
+        return cast(func.timezone("UTC", column), Date)
+    return func.date(column)  # SQLite stores UTC text; date() takes its day
+
+
+def _latency_bucket(column: Any) -> ColumnElement[int]:
+    """The rollup's bucket index of a latency: the first bucket whose upper bound is >= it."""
+    whens = [(column <= bound, literal(i)) for i, bound in enumerate(LATENCY_BUCKETS_MS)]
+    return case(*whens, else_=literal(len(LATENCY_BUCKETS_MS)))
+
+
+def raw_usage_groups(
+    conn: Connection,
+    *,
+    task_id: str | None = None,
+    user_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[UsageGroup]:
+    """The same sums as :func:`rollup_usage_groups`, computed from ``llm_usage`` rows."""
+    u = LLMUsage
+    day = _utc_day(conn, u.timestamp)
+    bucket = _latency_bucket(u.latency_ms)
+
+    def count_if(condition: ColumnElement[bool]) -> ColumnElement[Any]:
+        return func.sum(case((condition, 1), else_=0))
+
+    columns = [
+        func.count(),
+        count_if(u.status == "success"),
+        count_if(u.status == "error"),
+        count_if(u.status == "blocked"),
+        count_if(and_(u.cost_status == "unpriced", u.status != "blocked")),
+        func.sum(u.prompt_tokens),
+        func.sum(u.completion_tokens),
+        func.sum(u.cached_tokens),
+        func.sum(u.reasoning_tokens),
+        func.sum(u.total_tokens),
+        func.sum(u.cost_pico_usd),
+        func.sum(u.latency_ms),
+        *(count_if(bucket == i) for i in range(BUCKET_COUNT)),
+    ]
+    agent = func.coalesce(u.agent, "")
+    stmt = (
+        select(day, u.model, agent, *columns)
+        .where(and_(True, *_usage_row_filter(task_id, user_id, since, until)))
+        .group_by(day, u.model, agent)
+    )
+    return _groups(conn.execute(stmt).all())
+
+
+def task_user_ids(conn: Connection, task_id: str) -> list[str] | None:
+    """The users a task's calls were made for ('' when unset); None if it has no usage at all."""
+    r = UsageRollupDaily
+    rows = conn.execute(select(r.user_id).where(r.task_id == task_id).distinct()).scalars().all()
+    return sorted(rows) if rows else None
+
+
+# -- export --------------------------------------------------------------------------------
+
+EXPORT_COLUMNS: tuple[str, ...] = tuple(c.name for c in LLMUsage.__table__.columns)
+
+
+def _usage_row_filter(
+    task_id: str | None, user_id: str | None, since: datetime | None, until: datetime | None
+) -> list[ColumnElement[bool]]:
+    u = LLMUsage
+    conditions: list[ColumnElement[bool]] = []
+    if task_id is not None:
+        conditions.append(u.task_id == task_id)
+    if user_id is not None:
+        conditions.append(u.user_id == user_id)
+    if since is not None:
+        conditions.append(u.timestamp >= since.astimezone(UTC))
+    if until is not None:
+        conditions.append(u.timestamp < until.astimezone(UTC))
+    return conditions
+
+
+def iter_usage_rows(
+    conn: Connection,
+    *,
+    task_id: str | None = None,
+    user_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    batch_size: int = 1000,
+) -> Iterator[dict[str, Any]]:
+    """Usage rows in time order, fetched ``batch_size`` at a time (a server-side cursor on
+    PostgreSQL), so an export never holds more than one batch in memory."""
+    table = LLMUsage.__table__
+    stmt = (
+        select(*(table.c[name] for name in EXPORT_COLUMNS))
+        .where(and_(True, *_usage_row_filter(task_id, user_id, since, until)))
+        .order_by(table.c.timestamp, table.c.id)
+    )
+    result = conn.execution_options(yield_per=batch_size).execute(stmt)
+    for row in result.mappings():
+        yield dict(row)

@@ -1,0 +1,101 @@
+"""Request and response bodies of the task API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TaskStatus = Literal[
+    "queued", "running", "succeeded", "failed", "budget_exceeded", "cancelled", "error"
+]
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$"
+
+
+class TaskSubmitRequest(BaseModel):
+    """The seed's request (repo_url, bug_description, test_command) and optional controls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_url: str = Field(
+        min_length=1, max_length=2048, examples=["https://github.com/example/repo"]
+    )
+    bug_description: str = Field(min_length=1, max_length=20_000)
+    test_command: str = Field(min_length=1, max_length=2_000, examples=["pytest"])
+    model: str | None = Field(default=None, pattern=MODEL_PATTERN)
+    max_cost_usd: Decimal | None = Field(
+        default=None, gt=0, le=10_000, max_digits=18, decimal_places=12
+    )
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    ref: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @field_validator("bug_description", "test_command")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class TaskSubmitted(BaseModel):
+    task_id: str
+    status: TaskStatus
+    status_url: str
+    events_url: str
+
+
+class TestOutcome(BaseModel):
+    __test__ = False  # not a pytest test class
+
+    exit_code: int | None = None
+    passed: int | None = None
+    failed: int | None = None
+    timed_out: bool = False
+    summary: str = ""
+
+
+class TaskResult(BaseModel):
+    diff: str | None
+    tests_before: TestOutcome | None
+    tests_after: TestOutcome | None
+    failure_reason: str | None
+
+
+class TaskView(BaseModel):
+    task_id: str
+    status: TaskStatus
+    step: str
+    attempts: int
+    max_attempts: int
+    model: str
+    repo_url: str
+    ref: str | None
+    bug_description: str
+    test_command: str
+    cost_usd: Decimal = Field(description="Exact spend of the task's LLM calls so far")
+    max_cost_usd: Decimal | None
+    llm_calls: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    status_url: str
+    result: TaskResult | None = Field(description="Present once the task has finished")
+
+
+class TaskPage(BaseModel):
+    items: list[TaskView]
+    total: int
+    limit: int
+    offset: int
+
+
+class TaskEventView(BaseModel):
+    id: int
+    kind: str
+    message: str
+    timestamp: datetime
+
+    def sse(self) -> dict[str, Any]:
+        return {"id": str(self.id), "event": self.kind, "data": self.model_dump_json()}
