@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from app.api.v1.health import router as health_router
 from app.api.v1.limits import router as limits_router
+from app.api.v1.usage import router as usage_router
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.migrations import upgrade_to_head
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(limits_router)
+    app.include_router(usage_router)
     return app
 
 
