@@ -18,7 +18,7 @@ $(STAMP): backend/pyproject.toml
 install: $(STAMP)
 
 migrate: $(STAMP)
-	cd backend && .venv/bin/alembic upgrade head
+	cd backend && .venv/bin/alembic upgrade heads
 
 run: migrate
 	cd backend && exec .venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)

@@ -13,12 +13,15 @@ from fastapi import FastAPI
 
 from app.api.v1.health import router as health_router
 from app.api.v1.limits import router as limits_router
+from app.api.v1.tasks import router as tasks_router
 from app.api.v1.usage import router as usage_router
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.migrations import upgrade_to_head
 from app.core.runtime import Runtime, set_runtime
 from app.observability import setup_telemetry
+from app.services.examples import materialize_examples
+from app.services.task_worker import TaskWorker
 
 logger = logging.getLogger("app")
 
@@ -36,6 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry = setup_telemetry(cfg, app=app, engine=runtime.engine)
         app.state.runtime = runtime
         set_runtime(runtime)
+        materialize_examples(cfg.examples_dir)
+        worker: TaskWorker | None = None
+        if cfg.run_task_worker:
+            worker = TaskWorker(runtime)
+            runtime.extras["task_worker"] = worker
+            worker.start()
         logger.info(
             "ASA ready: database %s, LLM endpoint %s",
             runtime.engine.url.render_as_string(hide_password=True),
@@ -44,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if worker is not None:
+                worker.stop()
             set_runtime(None)
             await runtime.async_openai_client.close()
             runtime.close()
@@ -58,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(limits_router)
+    app.include_router(tasks_router)
     app.include_router(usage_router)
     return app
 

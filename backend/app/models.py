@@ -159,4 +159,65 @@ class TaskMetrics(Base):
     timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+TASK_STATUSES = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "budget_exceeded",
+    "cancelled",
+    "error",
+)
+TERMINAL_TASK_STATUSES = frozenset({"succeeded", "failed", "budget_exceeded", "cancelled", "error"})
+
+
+class Task(Base):
+    """A submitted bug-fixing task; the row is the task's durable state and its queue entry."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64))
+    repo_url: Mapped[str] = mapped_column(Text)
+    ref: Mapped[str | None] = mapped_column(String(255))
+    bug_description: Mapped[str] = mapped_column(Text)
+    test_command: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(200))
+    max_cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    step: Mapped[str] = mapped_column(String(40), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    runs: Mapped[int] = mapped_column(Integer, default=0, comment="Executions started (restarts)")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    diff: Mapped[str | None] = mapped_column(Text)
+    tests_before: Mapped[str | None] = mapped_column(Text, comment="JSON test outcome")
+    tests_after: Mapped[str | None] = mapped_column(Text, comment="JSON test outcome")
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_tasks_status_created_at", "status", "created_at"),
+        Index("ix_tasks_user_id_created_at", "user_id", "created_at"),
+    )
+
+
+class TaskEvent(Base):
+    """Progress of a task, in order: what a person watching the event stream sees."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_task_events_task_id_id", "task_id", "id"),)
+
+
 from app import models_budget  # noqa: E402, F401  (registers the budget tables)

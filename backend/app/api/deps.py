@@ -16,7 +16,13 @@ def get_app_runtime(request: Request) -> Runtime:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, committed in one place when the handler succeeds."""
+    """One session per request, committed in one place when the handler succeeds.
+
+    Callables a handler appends to ``session.info["after_commit"]`` run once the commit is done.
+    """
     runtime = get_app_runtime(request)
-    with runtime.session_factory() as session, session.begin():
-        yield session
+    with runtime.session_factory() as session:
+        with session.begin():
+            yield session
+        for callback in session.info.pop("after_commit", []):
+            callback()

@@ -54,6 +54,32 @@ class Settings(BaseSettings):
         default_factory=dict
     )
 
+    # Agent tasks
+    max_concurrent_tasks: int = Field(default=2, ge=1, le=64)
+    task_poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    task_lease_seconds: float = Field(
+        default=60.0, ge=5, description="A running task whose heartbeat is older is recovered."
+    )
+    task_test_timeout_seconds: float = Field(default=300.0, gt=0, le=7200)
+    task_clone_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    task_max_repo_mb: int = Field(default=500, ge=1, le=100_000)
+    task_max_output_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    task_cpu_seconds: int = Field(default=600, ge=1)
+    task_memory_mb: int = Field(default=4096, ge=64)
+    task_network: bool = Field(
+        default=False, description="Let test commands reach the network (cut off by default)."
+    )
+    workspace_root: Path | None = Field(default=None, description="Where task workspaces live.")
+    keep_workspaces: bool = False
+    examples_dir: Path = Field(
+        default=DEFAULT_DATA_DIR / "examples",
+        description="Where the bundled example repositories are created at start-up.",
+    )
+    secret_env_names: list[str] = Field(
+        default_factory=list, description="Extra variable names never passed to test commands."
+    )
+    run_task_worker: bool = Field(default=True, description="Execute queued tasks in this process.")
+
     # Budgets, enforced before each LLM call (app/services/budgets.py). Amounts in USD, exact to
     # the picodollar; unset or empty = unlimited. Windows are UTC calendar days and months; a
     # task's budget covers its whole life. Per-user and per-task overrides: /api/v1/limits.

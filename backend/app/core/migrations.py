@@ -17,4 +17,4 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade_to_head(database_url: str) -> None:
-    command.upgrade(alembic_config(database_url), "head")
+    command.upgrade(alembic_config(database_url), "heads")

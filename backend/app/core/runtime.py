@@ -11,6 +11,7 @@ import contextvars
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from app.simulator.server import SimulatorServer
 
 logger = logging.getLogger(__name__)
+# Scripted replies of the built-in simulator for the bundled example repositories.
+EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[1] / "simulator" / "scripts" / "examples.json"
 
 # HTTP attempts of the current logical LLM call; the SDK's retries each pass the request hook.
 current_attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
@@ -76,7 +79,9 @@ class Runtime:
             from app.simulator.server import SimulatorServer
 
             simulator = SimulatorServer(
-                SimulatorConfig(latency_ms=settings.simulator_latency_ms),
+                SimulatorConfig(
+                    latency_ms=settings.simulator_latency_ms, scripts_path=EXAMPLE_SCRIPTS
+                ),
                 port=settings.simulator_port,
             )
             simulator.start()
@@ -118,7 +123,7 @@ class Runtime:
             price_book=PriceBook(settings.price_overrides),
             openai_client=sync_client,
             async_openai_client=async_client,
-            llm_endpoint="simulator" if simulator is not None else base_url,
+            llm_endpoint=base_url,
             simulator=simulator,
         )
         if settings.budget_enforcement:

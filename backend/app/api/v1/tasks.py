@@ -1,0 +1,163 @@
+"""The task API: submit a bug, follow it, read the verified patch and what it cost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from app.api.auth import CurrentPrincipal
+from app.api.deps import get_app_runtime, get_session
+from app.core.errors import InvalidInput
+from app.core.runtime import Runtime
+from app.models import TERMINAL_TASK_STATUSES, Task
+from app.schemas.tasks import (
+    TaskEventView,
+    TaskPage,
+    TaskStatus,
+    TaskSubmitRequest,
+    TaskSubmitted,
+    TaskView,
+)
+from app.services import task_store
+from app.services.sandbox import InvalidTestCommand, parse_test_command
+from app.services.task_views import task_view
+from app.services.workspace import (
+    InvalidGitRef,
+    InvalidRepoURL,
+    validate_git_ref,
+    validate_repo_url,
+)
+
+router = APIRouter(prefix="/api/v1/task", tags=["tasks"])
+SessionDep = Annotated[Session, Depends(get_session)]
+RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
+TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+SSE_POLL_SECONDS = 0.5
+SSE_MAX_SECONDS = 3600.0
+
+
+@router.post("/submit", status_code=202, response_model=TaskSubmitted)
+def submit_task(
+    body: TaskSubmitRequest,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> TaskSubmitted:
+    """Queue a task. The repository URL, ref and test command are checked before queueing."""
+    try:
+        validate_repo_url(body.repo_url)
+        if body.ref is not None:
+            validate_git_ref(body.ref)
+        parse_test_command(body.test_command)
+    except (InvalidRepoURL, InvalidGitRef, InvalidTestCommand) as exc:
+        field = {
+            InvalidRepoURL: "repo_url",
+            InvalidGitRef: "ref",
+            InvalidTestCommand: "test_command",
+        }[type(exc)]
+        raise InvalidInput(str(exc), field=field) from exc
+    task = task_store.create_task(
+        session, principal, body, body.model or runtime.settings.default_model
+    )
+    worker = runtime.extras.get("task_worker")
+    if worker is not None:
+        session.info.setdefault("after_commit", []).append(worker.wake)
+    status_url = _status_url(task)
+    return TaskSubmitted(
+        task_id=task.id, status="queued", status_url=status_url, events_url=status_url + "/events"
+    )
+
+
+@router.get("", response_model=TaskPage)
+def list_tasks(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    status: TaskStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> TaskPage:
+    """Your tasks (all tasks for an admin), newest first."""
+    rows, total = task_store.list_tasks(session, principal, status, limit, offset)
+    spend = task_store.task_spend(session, [t.id for t in rows])
+    items = [task_view(t, spend.get(t.id, (0, 0)), _status_url(t)) for t in rows]
+    return TaskPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{task_id}", response_model=TaskView)
+def get_task(task_id: TaskId, principal: CurrentPrincipal, session: SessionDep) -> TaskView:
+    """Status, current step, attempts, cost so far, and at the end the result."""
+    task = task_store.get_visible_task(session, principal, task_id)
+    spend = task_store.task_spend(session, [task.id]).get(task.id, (0, 0))
+    return task_view(task, spend, _status_url(task))
+
+
+@router.post("/{task_id}/cancel", response_model=TaskView)
+def cancel_task(
+    task_id: TaskId,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> TaskView:
+    """Stop a queued task at once, or a running one at its next step."""
+    task = task_store.get_visible_task(session, principal, task_id)
+    task = task_store.request_cancel(session, task)
+    worker = runtime.extras.get("task_worker")
+    if worker is not None:
+        session.info.setdefault("after_commit", []).append(worker.wake)
+    spend = task_store.task_spend(session, [task.id]).get(task.id, (0, 0))
+    return task_view(task, spend, _status_url(task))
+
+
+@router.get(
+    "/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+)
+async def task_events(
+    task_id: TaskId,
+    principal: CurrentPrincipal,
+    runtime: RuntimeDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+) -> StreamingResponse:
+    """Live progress as server-sent events (``curl -N``); ends when the task finishes."""
+
+    def load(after_id: int) -> tuple[list[TaskEventView], str]:
+        with runtime.session_factory() as session:
+            task = task_store.get_visible_task(session, principal, task_id)
+            events = task_store.events_after(session, task_id, after_id)
+            return [
+                TaskEventView.model_validate(e, from_attributes=True) for e in events
+            ], task.status
+
+    await anyio.to_thread.run_sync(load, after)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        last = after
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SSE_MAX_SECONDS
+        while loop.time() < deadline:
+            events, status = await anyio.to_thread.run_sync(load, last)
+            for event in events:
+                last = event.id
+                yield f"id: {event.id}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
+            if status in TERMINAL_TASK_STATUSES and not events:
+                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                return
+            if not events:
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(SSE_POLL_SECONDS)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _status_url(task: Task) -> str:
+    return f"{router.prefix}/{task.id}"

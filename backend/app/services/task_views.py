@@ -1,0 +1,45 @@
+"""Turn task rows into the API's views."""
+
+from __future__ import annotations
+
+import json
+
+from app.core.money import pico_to_usd
+from app.models import TERMINAL_TASK_STATUSES, Task
+from app.schemas.tasks import TaskResult, TaskView, TestOutcome
+
+
+def _outcome(raw: str | None) -> TestOutcome | None:
+    return TestOutcome.model_validate(json.loads(raw)) if raw else None
+
+
+def task_view(task: Task, spend: tuple[int, int], status_url: str) -> TaskView:
+    cost_pico, calls = spend
+    finished = task.status in TERMINAL_TASK_STATUSES
+    return TaskView(
+        task_id=task.id,
+        status=task.status,
+        step=task.step,
+        attempts=task.attempts,
+        max_attempts=task.max_attempts,
+        model=task.model,
+        repo_url=task.repo_url,
+        ref=task.ref,
+        bug_description=task.bug_description,
+        test_command=task.test_command,
+        cost_usd=pico_to_usd(cost_pico),
+        max_cost_usd=pico_to_usd(task.max_cost_pico_usd) if task.max_cost_pico_usd else None,
+        llm_calls=calls,
+        created_at=task.created_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        status_url=status_url,
+        result=TaskResult(
+            diff=task.diff,
+            tests_before=_outcome(task.tests_before),
+            tests_after=_outcome(task.tests_after),
+            failure_reason=task.failure_reason,
+        )
+        if finished
+        else None,
+    )
