@@ -100,10 +100,10 @@ def sim(simulator: SimulatorServer) -> SimulatorServer:
 
 
 def make_settings(
-    database_url: str, sim_base_url: str, tmp_path: Path, **overrides: object
+    db_url: str, sim_base_url: str, tmp_path: Path, **overrides: object
 ) -> Settings:
     values: dict[str, object] = {
-        "database_url": database_url,
+        "database_url": db_url,
         "openai_base_url": sim_base_url,
         "openai_api_key": "sk-test-canary-key-0000",
         "spool_dir": tmp_path / "spool",
