@@ -33,7 +33,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[Any] = []
         self.received = threading.Event()
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method name
+    def Export(self, request: Any, context: Any) -> Any:
         for resource_spans in request.resource_spans:
             for scope_spans in resource_spans.scope_spans:
                 self.spans.extend(scope_spans.spans)

@@ -1,4 +1,4 @@
-"""The ledger never loses nor double-counts: idempotent writes and the spool for database outages."""
+"""The ledger never loses nor double-counts: idempotent writes, and the spool for outages."""
 
 from __future__ import annotations
 
