@@ -221,3 +221,4 @@ class TaskEvent(Base):
 
 
 from app import models_budget  # noqa: E402, F401  (registers the budget tables)
+from app import models_api_keys  # noqa: E402, F401  (registers the api_keys table)
