@@ -54,6 +54,34 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "llm_retries_total": ("counter", frozenset({"model"})),
     "llm_tracking_errors_total": ("counter", frozenset({"stage"})),
 }
+# The attributes every LLM span carries (error.type: failed calls only).
+SPAN_ATTRIBUTES = (
+    "llm.model",
+    "llm.prompt_tokens",
+    "llm.completion_tokens",
+    "llm.total_tokens",
+    "llm.cost_usd",
+    "llm.latency_ms",
+    "llm.task_id",
+    "llm.user_id",
+    "llm.status",
+    "llm.agent",
+    "llm.cached_tokens",
+    "llm.reasoning_tokens",
+    "llm.cost_status",
+    "llm.request_id",
+    "gen_ai.operation.name",
+    "gen_ai.system",
+    "gen_ai.request.model",
+    "gen_ai.response.model",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.response.finish_reasons",
+    "gen_ai.response.id",
+    "gen_ai.usage.cost",
+    "error.type",
+)
+
 # The closed sets of label values, where the contract fixes them.
 LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("llm_requests_total", "status"): frozenset({"success", "error", "blocked"}),
@@ -109,6 +137,16 @@ def require_tool(name: str) -> str:
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
+
+
+def documented_span_attributes() -> frozenset[str]:
+    """Every attribute named in the first column of the span table of OBSERVABILITY.md."""
+    section = OBSERVABILITY_MD.read_text().split("## Traces")[1].split("\n## ")[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([\w.]+)`", line.split("|")[1]))
+    return frozenset(names)
 
 
 def load_dashboard() -> dict[str, Any]:

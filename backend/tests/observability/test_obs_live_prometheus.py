@@ -30,7 +30,15 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from obs_support import ALERTS_YML, PROMETHEUS_YML, all_queries, load_yaml, require_tool
+from obs_support import (
+    ALERTS_YML,
+    PROMETHEUS_YML,
+    SPAN_ATTRIBUTES,
+    all_queries,
+    documented_span_attributes,
+    load_yaml,
+    require_tool,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
@@ -109,11 +117,12 @@ def _free_port() -> int:
 
 
 class _TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Collects the trace ids of the spans exported to it."""
+    """Collects the trace ids of the spans exported to it, and the attribute keys of LLM spans."""
 
     def __init__(self) -> None:
         self.trace_ids: set[str] = set()
         self.span_names: list[str] = []
+        self.llm_span_attributes: list[set[str]] = []
         self._lock = threading.Lock()
 
     def Export(  # the gRPC method name
@@ -125,6 +134,8 @@ class _TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     for span in scope_spans.spans:
                         self.trace_ids.add(span.trace_id.hex())
                         self.span_names.append(span.name)
+                        if span.name.startswith("chat "):
+                            self.llm_span_attributes.append({a.key for a in span.attributes})
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -463,3 +474,12 @@ def test_every_published_query_runs_on_live_metrics_and_gives_the_known_values(
     assert exemplar_ids <= {row.trace_id for row in rows}
     _wait_for("the spans to be exported", lambda: exemplar_ids <= receiver.trace_ids)
     assert f"chat {SLOW_MODEL}" in receiver.span_names
+
+    # 6. the LLM spans carry the documented attributes, and only those
+    _wait_for(
+        "every LLM span to be exported",
+        lambda: len(receiver.llm_span_attributes) == total_calls,
+    )
+    seen = set().union(*receiver.llm_span_attributes)
+    assert seen <= documented_span_attributes()
+    assert set(SPAN_ATTRIBUTES) <= seen
