@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -189,3 +190,16 @@ def test_stack_files_named_in_the_docs_exist() -> None:
     assert named
     for relative in named:
         assert (REPO_ROOT / relative).exists(), relative
+
+
+def test_env_example_has_the_variables_the_quickstart_sets() -> None:
+    env_example = REPO_ROOT / ".env.example"
+    if not env_example.exists():
+        if os.environ.get("ASA_REQUIRE_POSTGRES") == "1":
+            pytest.fail("QUICKSTART_OBSERVABILITY.md step 3 copies .env.example, which is missing")
+        pytest.skip(".env.example not written yet")
+    step_3 = QUICKSTART_MD.read_text().split("## 3.")[1].split("## 4.")[0]
+    variables = set(re.findall(r"`([A-Z][A-Z0-9_]+)=", step_3))
+    assert variables >= {"OPENAI_API_KEY", "ENABLE_OPENTELEMETRY", "DATABASE_URL"}
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", env_example.read_text(), re.MULTILINE))
+    assert variables <= listed
