@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,25 @@ def test_env_example_has_the_variables_the_quickstart_sets() -> None:
     assert variables >= {"OPENAI_API_KEY", "ENABLE_OPENTELEMETRY", "DATABASE_URL"}
     listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", env_example.read_text(), re.MULTILINE))
     assert variables <= listed
+
+
+def test_python_modules_the_docs_run_exist_and_take_the_documented_options() -> None:
+    commands = _bash_commands(OBSERVABILITY_MD.read_text() + QUICKSTART_MD.read_text())
+    invocations = [
+        (match.group(1), re.findall(r"(--[a-z][\w-]*)", match.group(2)))
+        for command in commands
+        if (match := re.search(r"python -m (app[\w.]*)(.*)", command))
+    ]
+    assert invocations
+    for module, options in invocations:
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=REPO_ROOT / "backend",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"{module}: {result.stderr}"
+        for option in options:
+            assert option in result.stdout, (module, option)
