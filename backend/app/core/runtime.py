@@ -65,8 +65,7 @@ class Runtime:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        key = self.settings.openai_api_key
-        return (key.get_secret_value(),) if key is not None else ()
+        return self.settings.secret_values
 
     @classmethod
     def build(cls, settings: Settings | None = None, *, start_background: bool = True) -> Runtime:
@@ -93,11 +92,10 @@ class Runtime:
             )
         else:
             base_url = settings.openai_base_url or "https://api.openai.com/v1"
-        api_key = (
-            settings.openai_api_key.get_secret_value()
-            if settings.openai_api_key is not None
-            else "simulator"
-        )
+        # The simulator ignores the key; an empty OPENAI_API_KEY means "use the simulator".
+        key = settings.openai_api_key
+        api_key = key.get_secret_value() if key is not None and not settings.uses_simulator else ""
+        api_key = api_key or "simulator"
         limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
         sync_client = openai.OpenAI(
             api_key=api_key,

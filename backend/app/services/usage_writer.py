@@ -8,6 +8,7 @@ incremented when the row itself was inserted, a replayed or repeated write never
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import threading
 from collections.abc import Iterable
@@ -37,12 +38,28 @@ def latency_bucket(latency_ms: float) -> int:
     return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
 
 
-def _insert(conn: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"Unsupported database dialect: {conn.dialect.name}")
+@functools.cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    """The two statements of a write, built once per dialect so SQLAlchemy's compiled cache
+    serves every later call (values travel as parameters, not as new statements)."""
+    insert: Any
+    if dialect == "postgresql":
+        insert = postgresql.insert
+    elif dialect == "sqlite":
+        insert = sqlite.insert
+    else:
+        raise NotImplementedError(f"Unsupported database dialect: {dialect}")
+    usage: Any = LLMUsage.__table__
+    add_row = (
+        insert(usage).on_conflict_do_nothing(index_elements=["request_id"]).returning(usage.c.id)
+    )
+    table: Any = UsageRollupDaily.__table__
+    rollup = insert(table)
+    add_to_rollup = rollup.on_conflict_do_update(
+        index_elements=list(_ROLLUP_KEY),
+        set_={name: table.c[name] + rollup.excluded[name] for name in _ROLLUP_SUMS},
+    )
+    return add_row, add_to_rollup
 
 
 def rollup_values(record: UsageRecord) -> dict[str, Any]:
@@ -73,21 +90,11 @@ def rollup_values(record: UsageRecord) -> dict[str, Any]:
 
 def insert_usage(conn: Connection, record: UsageRecord) -> bool:
     """Insert the row and, only if it is new, add it to the rollup. True if inserted."""
-    stmt = (
-        _insert(conn, LLMUsage.__table__)
-        .values(**record.row())
-        .on_conflict_do_nothing(index_elements=["request_id"])
-        .returning(LLMUsage.__table__.c.id)
-    )
-    if conn.execute(stmt).first() is None:  # rowcount is not reliable here on every driver
+    add_row, add_to_rollup = _statements(conn.dialect.name)
+    # RETURNING tells whether the row was new; rowcount is not reliable here on every driver.
+    if conn.execute(add_row, record.row()).first() is None:
         return False
-    table = UsageRollupDaily.__table__
-    rollup = _insert(conn, table).values(**rollup_values(record))
-    rollup = rollup.on_conflict_do_update(
-        index_elements=list(_ROLLUP_KEY),
-        set_={name: table.c[name] + rollup.excluded[name] for name in _ROLLUP_SUMS},
-    )
-    conn.execute(rollup)
+    conn.execute(add_to_rollup, rollup_values(record))
     return True
 
 

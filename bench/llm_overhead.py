@@ -1,0 +1,174 @@
+"""Per-call overhead of LLMClient against the raw openai SDK, both calling the same local
+simulator in one run: sequential, and 100 concurrent async callers.
+
+The tracked call writes its row durably (SQLite in WAL mode, committed before the call returns)
+and updates metrics and a span; the raw call does none of that. Calls alternate between the two
+so drift on a noisy machine hits both equally; the figure that matters is the difference.
+
+    cd backend && .venv/bin/python ../bench/llm_overhead.py [--calls 2000] [--concurrency 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+
+from app.core.config import Settings
+from app.core.migrations import upgrade_to_head
+from app.core.runtime import Runtime
+from app.services.llm_client import AsyncLLMClient, LLMClient
+
+MESSAGES = [{"role": "user", "content": "Reply with one short sentence."}]
+MODEL = "gpt-4o-mini"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(raw: list[float], tracked: list[float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, q in (("p50", 0.50), ("p99", 0.99)):
+        r, t = pct(raw, q), pct(tracked, q)
+        out[f"raw_{name}_ms"] = round(r, 3)
+        out[f"tracked_{name}_ms"] = round(t, 3)
+        out[f"added_{name}_ms"] = round(t - r, 3)
+        out[f"ratio_{name}"] = round(t / r, 3)
+    out["raw_mean_ms"] = round(statistics.fmean(raw), 3)
+    out["tracked_mean_ms"] = round(statistics.fmean(tracked), 3)
+    return out
+
+
+def sequential(runtime: Runtime, raw: openai.OpenAI, calls: int) -> dict[str, float]:
+    client = LLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
+    raw_ms: list[float] = []
+    tracked_ms: list[float] = []
+    for i in range(calls * 2 + 100):
+        use_tracked = i % 2 == 1
+        started = time.perf_counter()
+        if use_tracked:
+            client.chat_completion(messages=MESSAGES, model=MODEL)
+        else:
+            raw.chat.completions.create(messages=MESSAGES, model=MODEL)  # type: ignore[arg-type]
+        elapsed = (time.perf_counter() - started) * 1000
+        if i >= 100:  # warm-up excluded
+            (tracked_ms if use_tracked else raw_ms).append(elapsed)
+    return summary(raw_ms, tracked_ms)
+
+
+async def concurrent(
+    runtime: Runtime, raw: openai.AsyncOpenAI, concurrency: int, rounds: int
+) -> dict[str, float]:
+    client = AsyncLLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
+    raw_ms: list[float] = []
+    tracked_ms: list[float] = []
+
+    async def one(tracked: bool, sink: list[float]) -> None:
+        started = time.perf_counter()
+        if tracked:
+            await client.chat_completion(messages=MESSAGES, model=MODEL)
+        else:
+            await raw.chat.completions.create(messages=MESSAGES, model=MODEL)  # type: ignore[arg-type]
+        sink.append((time.perf_counter() - started) * 1000)
+
+    for r in range(rounds + 1):
+        for tracked in (False, True):
+            sink: list[float] = [] if r == 0 else (tracked_ms if tracked else raw_ms)
+            await asyncio.gather(*(one(tracked, sink) for _ in range(concurrency)))
+    return summary(raw_ms, tracked_ms)
+
+
+@contextlib.contextmanager
+def simulator_process() -> Iterator[str]:
+    """The simulator in its own process, like a real provider: it does not share our GIL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.simulator", "--port", str(port), "--log-level", "warning"]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000, help="sequential calls of each kind")
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=20, help="concurrent rounds of each kind")
+    parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
+        url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        upgrade_to_head(url)
+        settings = Settings(
+            database_url=url,
+            openai_api_key="sk-bench",  # type: ignore[arg-type]
+            openai_base_url=base_url,
+            spool_dir=Path(tmp) / "spool",
+            openai_max_retries=2,  # the SDK default; both clients alike
+        )
+        runtime = Runtime.build(settings, start_background=False)
+        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
+        raw = openai.OpenAI(
+            api_key="sk-bench",
+            base_url=base_url,
+            max_retries=2,
+            http_client=httpx2.Client(limits=limits),
+        )
+        raw_async = openai.AsyncOpenAI(
+            api_key="sk-bench",
+            base_url=base_url,
+            max_retries=2,
+            http_client=httpx2.AsyncClient(limits=limits),
+        )
+        results: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "database": url.split("://")[0],
+            "sequential": sequential(runtime, raw, args.calls),
+            f"concurrent_{args.concurrency}": asyncio.run(
+                concurrent(runtime, raw_async, args.concurrency, args.rounds)
+            ),
+        }
+        with runtime.engine.connect() as conn:
+            results["rows_written"] = conn.exec_driver_sql(
+                "SELECT count(*) FROM llm_usage"
+            ).scalar()
+        runtime.close()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
