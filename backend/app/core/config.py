@@ -13,6 +13,8 @@ from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 BACKEND_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = BACKEND_DIR / "data"
@@ -21,7 +23,9 @@ DEFAULT_DATA_DIR = BACKEND_DIR / "data"
 class Settings(BaseSettings):
     """Typed settings read from the environment (and an optional ``.env`` file)."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore", case_sensitive=False
+    )
 
     # Storage
     database_url: str = Field(
@@ -131,6 +135,44 @@ class Settings(BaseSettings):
     otel_exporter_otlp_endpoint: str = "http://localhost:4317"
     otel_service_name: str = "asa-backend"
     otel_instrumentation_genai_capture_message_content: bool = False
+
+    # Access control (app/api/auth.py, app/api/guards.py). Keys: `asa keys create --user NAME`.
+    bind_host: str = Field(
+        default="127.0.0.1",
+        description="The address the server listens on (`make run` passes HOST). With no API "
+        "key the service runs open, and only on a loopback address.",
+    )
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024**3)
+    task_submit_rate_per_minute: float = Field(
+        default=30.0, ge=0, description="Task submissions per API key, per process; 0: no limit."
+    )
+    task_submit_burst: int = Field(default=10, ge=1, le=10_000)
+    metrics_token: SecretStr | None = Field(
+        default=None, description="When set, /metrics requires `Authorization: Bearer <token>`."
+    )
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _metrics_token_is_strong(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and len(value) < 16:
+            raise ValueError("METRICS_TOKEN must be at least 16 characters")
+        return value
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every configured secret, masked wherever text leaves the process."""
+        values = [s.get_secret_value() for s in (self.openai_api_key, self.metrics_token) if s]
+        try:
+            password = make_url(self.database_url).password
+        except ArgumentError:  # not a URL: the engine will say so
+            password = None
+        if password:
+            values.append(str(password))
+        return tuple(v for v in values if v)
 
     @field_validator("database_url")
     @classmethod
