@@ -9,8 +9,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from app.api.auth import current_principal, start_access_control
+from app.api.guards import BodySizeLimitMiddleware
+from app.api.v1.admin_keys import router as admin_keys_router
 from app.api.v1.health import router as health_router
 from app.api.v1.limits import router as limits_router
 from app.api.v1.tasks import router as tasks_router
@@ -18,12 +21,16 @@ from app.api.v1.usage import router as usage_router
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.migrations import upgrade_to_head
+from app.core.redaction import install_log_redaction
 from app.core.runtime import Runtime, set_runtime
 from app.observability import setup_telemetry
+from app.schemas.errors import ERROR_RESPONSES
 from app.services.examples import materialize_examples
 from app.services.task_worker import TaskWorker
 
 logger = logging.getLogger("app")
+# Every /api route needs a principal, including routes added later that forget to ask for one.
+AUTHENTICATED = [Depends(current_principal)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,9 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cfg = settings or get_settings()
         _configure_logging()
+        stop_redacting_logs = install_log_redaction(cfg.secret_values)
         if cfg.auto_migrate:
             upgrade_to_head(cfg.database_url)
         runtime = Runtime.build(cfg)
+        try:
+            app.state.access = start_access_control(cfg, runtime.session_factory)
+        except BaseException:
+            runtime.close()
+            stop_redacting_logs()
+            raise
         telemetry = setup_telemetry(cfg, app=app, engine=runtime.engine)
         app.state.runtime = runtime
         set_runtime(runtime)
@@ -59,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.async_openai_client.close()
             runtime.close()
             telemetry.shutdown()
+            stop_redacting_logs()
 
     app = FastAPI(
         title="ASA — Automated Software Agent",
@@ -67,10 +82,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware)
     app.include_router(health_router)
-    app.include_router(limits_router)
-    app.include_router(tasks_router)
-    app.include_router(usage_router)
+    app.include_router(limits_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    app.include_router(tasks_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    app.include_router(usage_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    app.include_router(admin_keys_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     return app
 
 

@@ -21,6 +21,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
     from sqlalchemy import Engine
 
     from app.core.config import Settings
@@ -109,12 +110,16 @@ class Telemetry:
 
 
 def setup_telemetry(
-    settings: Settings, app: FastAPI | None = None, engine: Engine | None = None
+    settings: Settings,
+    app: FastAPI | None = None,
+    engine: Engine | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> Telemetry:
     """With ENABLE_OPENTELEMETRY: OTLP export, FastAPI and SQLAlchemy auto-instrumentation.
 
     Export runs in a background batch processor with a bounded queue, so a collector that is
-    down only drops spans; it never slows or fails a caller.
+    down only drops spans; it never slows or fails a caller. Spans leave redacted
+    (``RedactingSpanExporter``); ``span_exporter`` replaces OTLP (tests pass an in-memory one).
     """
     if not settings.enable_opentelemetry:
         return Telemetry()
@@ -124,8 +129,12 @@ def setup_telemetry(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from app.core.span_redaction import RedactingSpanExporter
+
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.otel_service_name}))
-    exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, timeout=5)
+    if span_exporter is None:
+        span_exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, timeout=5)
+    exporter = RedactingSpanExporter(span_exporter, settings.secret_values)
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=4096))
     trace.set_tracer_provider(provider)
     _instrument(app, engine, provider)

@@ -7,6 +7,7 @@ anything unexpected becomes a 500 with a generic body (the traceback goes to the
 from __future__ import annotations
 
 import logging
+import math
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 class AppError(Exception):
     status_code = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -44,6 +46,10 @@ class Unauthorized(AppError):
     status_code = 401
     code = "unauthorized"
 
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
 
 class Conflict(AppError):
     status_code = 409
@@ -53,6 +59,21 @@ class Conflict(AppError):
 class InvalidInput(AppError):
     status_code = 422
     code = "invalid_input"
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    code = "unavailable"
+
+
+class TooManyRequests(AppError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after_seconds: float) -> None:
+        retry_after = max(1, math.ceil(retry_after_seconds))
+        super().__init__(detail, retry_after_seconds=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class BudgetExceededError(AppError):
@@ -113,13 +134,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
         body = {"error": exc.code, "detail": redact(exc.detail), **exc.extra}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {
-                "loc": list(e.get("loc", ())),
+                # A key may be a submitted field's name, so locations are redacted too.
+                "loc": [redact(p) if isinstance(p, str) else p for p in e.get("loc", ())],
                 "msg": redact(str(e.get("msg", ""))),
                 "type": e.get("type"),
             }

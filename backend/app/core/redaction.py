@@ -1,9 +1,17 @@
-"""One choke point for masking secrets in text that leaves the process (rows, spans, logs)."""
+"""One choke point for masking secrets in text that leaves the process (rows, spans, logs).
+
+``redact`` is the rule; everything that lets text out goes through it: the error handler (HTTP
+bodies), ``safe_error_message`` (``llm_usage.error_message`` and LLM span status), the log
+record factory installed by ``install_log_redaction`` (every log line) and
+``app.core.span_redaction`` (every exported span).
+"""
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 MASK = "[REDACTED]"
 _PATTERNS = (
@@ -13,15 +21,17 @@ _PATTERNS = (
     re.compile(
         r"(?i)(\"?(?:api[_-]?key|authorization|password|secret|token)\"?\s*[:=]\s*\"?)[^\s\",}]+"
     ),
+    re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^@\s/]+(?=@)"),  # user:password@ in URLs
 )
 MAX_MESSAGE_CHARS = 2000
+MIN_SECRET_CHARS = 4
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with known secrets and anything shaped like a credential masked."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, MASK)
+    # Longest first, so a secret that contains another is masked whole.
+    for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}, key=len)[::-1]:
+        text = text.replace(secret, MASK)
     for pattern in _PATTERNS:
         if pattern.groups:
             text = pattern.sub(lambda m: m.group(1) + MASK, text)
@@ -36,3 +46,59 @@ def safe_error_message(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[:MAX_MESSAGE_CHARS] + "...[truncated]"
     return text
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+_exception_formatter = logging.Formatter()
+
+
+def redact_log_record(record: logging.LogRecord, secrets: Iterable[str] = ()) -> None:
+    """Mask secrets in ``record``'s message, traceback and stack, in place."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed record: the handler reports it as it always does
+        return
+    cleaned = redact(message, secrets)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    if record.exc_info and not record.exc_text:
+        # Formatters reuse a cached exc_text, so the traceback they print is this one.
+        record.exc_text = redact(_exception_formatter.formatException(record.exc_info), secrets)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info, secrets)
+
+
+class _RedactingRecordFactory:
+    """Wraps the process's log record factory so that every record is redacted once, at birth.
+
+    A factory rather than a ``logging.Filter``: a filter on the root logger never sees records
+    that child loggers propagate to its handlers, and a filter on handlers misses handlers added
+    later (uvicorn's, a test's); every record, whoever logs it and wherever it goes, is made by
+    the factory.
+    """
+
+    def __init__(self, previous: Callable[..., logging.LogRecord], secrets: tuple[str, ...]):
+        self.previous = previous
+        self.secrets = secrets
+        self.active = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.previous(*args, **kwargs)
+        if self.active:
+            redact_log_record(record, self.secrets)
+        return record
+
+
+def install_log_redaction(secrets: Iterable[str] = ()) -> Callable[[], None]:
+    """Redact every log record of this process from now on; returns the function that undoes
+    it (safe to call in any order when several are installed)."""
+    factory = _RedactingRecordFactory(logging.getLogRecordFactory(), tuple(secrets))
+    logging.setLogRecordFactory(factory)
+
+    def uninstall() -> None:
+        factory.active = False
+        if logging.getLogRecordFactory() is factory:
+            logging.setLogRecordFactory(factory.previous)
+
+    return uninstall

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Depends, Header, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from app.api.auth import AccessModeDep, require_metrics_token
 from app.api.deps import get_app_runtime
+from app.core.redaction import redact
 from app.core.runtime import Runtime
 from app.observability import render_metrics
 
@@ -23,10 +25,11 @@ class HealthResponse(BaseModel):
     llm_endpoint: str
     spool_pending: int
     opentelemetry: bool
+    auth_mode: Literal["open", "keys"]
 
 
 @router.get("/health", response_model=HealthResponse, tags=["service"])
-def health(runtime: RuntimeDep) -> HealthResponse:
+def health(runtime: RuntimeDep, auth_mode: AccessModeDep) -> HealthResponse:
     """Liveness with substance: is the database reachable, and where do LLM calls go."""
     try:
         with runtime.engine.connect() as conn:
@@ -38,13 +41,19 @@ def health(runtime: RuntimeDep) -> HealthResponse:
         status="ok" if database == "ok" else "degraded",
         database=database,
         llm_mode="simulator" if runtime.simulator is not None else "provider",
-        llm_endpoint=runtime.llm_endpoint,
+        llm_endpoint=redact(runtime.llm_endpoint, runtime.settings.secret_values),
         spool_pending=runtime.writer.spool.pending(),
         opentelemetry=runtime.settings.enable_opentelemetry,
+        auth_mode=auth_mode,
     )
 
 
-@router.get("/metrics", tags=["service"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["service"],
+    response_class=Response,
+    dependencies=[Depends(require_metrics_token)],
+)
 def metrics(accept: Annotated[str | None, Header()] = None) -> Response:
     """Prometheus exposition; OpenMetrics (with trace-id exemplars) when the scraper asks."""
     body, content_type = render_metrics(accept)

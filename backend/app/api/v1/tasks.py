@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.api.auth import CurrentPrincipal
 from app.api.deps import get_app_runtime, get_session
+from app.api.guards import limit_task_submissions
 from app.core.errors import InvalidInput
 from app.core.runtime import Runtime
 from app.models import TERMINAL_TASK_STATUSES, Task
@@ -43,7 +44,12 @@ SSE_POLL_SECONDS = 0.5
 SSE_MAX_SECONDS = 3600.0
 
 
-@router.post("/submit", status_code=202, response_model=TaskSubmitted)
+@router.post(
+    "/submit",
+    status_code=202,
+    response_model=TaskSubmitted,
+    dependencies=[Depends(limit_task_submissions)],
+)
 def submit_task(
     body: TaskSubmitRequest,
     principal: CurrentPrincipal,

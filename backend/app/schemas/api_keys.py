@@ -1,0 +1,51 @@
+"""Requests and responses of ``/api/v1/admin/keys``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.services.api_keys import NAME_MAX_CHARS, USER_ID_PATTERN
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(
+        pattern=USER_ID_PATTERN,
+        description="1-64 characters: letters, digits and . _ : @ - (not first).",
+        examples=["alice"],
+    )
+    role: Literal["user", "admin"] = "user"
+    name: str | None = Field(
+        default=None,
+        max_length=NAME_MAX_CHARS,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="A label for people (where the key is used).",
+        examples=["alice's laptop"],
+    )
+
+
+class ApiKeyView(BaseModel):
+    """A key as listed: never the key itself, only its public prefix."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    user_id: str
+    role: Literal["user", "admin"]
+    name: str | None
+    prefix: str = Field(description="The key starts with asa_<prefix>_")
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="Accurate to a minute")
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyView):
+    key: str = Field(description="The API key. It is shown this once and cannot be recovered.")
+
+
+class ApiKeyList(BaseModel):
+    items: list[ApiKeyView]
