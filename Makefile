@@ -21,7 +21,7 @@ migrate: $(STAMP)
 	cd backend && .venv/bin/alembic upgrade heads
 
 run: migrate
-	cd backend && exec .venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+	cd backend && BIND_HOST=$(HOST) exec .venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
 simulator: $(STAMP)
 	cd backend && exec .venv/bin/uvicorn app.simulator.app:create_app --factory --host 127.0.0.1 --port 8100
