@@ -368,7 +368,7 @@ class DatabaseBudgetGuard:
             "Budget %s%s reached %s%% of its limit: spent $%s of $%s (window from %s).",
             key.scope.value,
             f" of {key.subject_id}" if key.subject_id else "",
-            (limit.soft_threshold * 100).normalize(),
+            format((limit.soft_threshold * 100).normalize(), "f"),
             format(pico_to_usd(state.spent_pico), "f"),
             format(pico_to_usd(limit.limit_pico), "f"),
             key.window_start.isoformat(),
