@@ -254,7 +254,7 @@ def _override_row(row: Any) -> OverrideRow:
         scope=BudgetScope(row.scope),
         subject_id=row.subject_id,
         limit_pico=None if row.limit_pico_usd is None else int(row.limit_pico_usd),
-        soft_threshold=row.soft_threshold,
+        soft_threshold=None if row.soft_threshold is None else row.soft_threshold.normalize(),
         updated_by=row.updated_by,
         updated_at=row.updated_at,
     )
