@@ -220,4 +220,4 @@ class TaskEvent(Base):
     __table_args__ = (Index("ix_task_events_task_id_id", "task_id", "id"),)
 
 
-from app import models_api_keys, models_budget  # noqa: E402, F401  (registers their tables)
+from app import models_api_keys, models_budget, models_usage  # noqa: E402, F401  (their tables)

@@ -1,7 +1,8 @@
-"""Reads of the usage ledger. All SQL over ``llm_usage`` and its rollup lives here.
+"""Reads of the usage ledger. All SQL over ``llm_usage`` and its rollups lives here.
 
-The reports read ``usage_rollup_daily`` (one row per day, user, task, model and agent), so their
-cost grows with the number of distinct keys in the window, not with the number of calls. The
+The reports read the rollups: ``usage_rollup_daily`` (one row per day, user, task, model and
+agent) for a task or a user, ``usage_rollup_daily_overall`` (per day, model and agent) for
+everyone, so their cost grows with the number of keys in the window, not of calls. The
 ``raw_*`` variants compute the same figures from ``llm_usage`` itself; they exist to check the
 rollup against its source (tests, ``bench/usage_endpoints.py``) and only see rows that retention
 has not pruned yet.
@@ -10,7 +11,7 @@ has not pruned yet.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,6 +30,7 @@ from sqlalchemy import (
 
 from app.core.money import pico_to_usd
 from app.models import LATENCY_BUCKETS_MS, LLMUsage, UsageRollupDaily
+from app.models_usage import UsageRollupDailyOverall
 
 BUCKET_COUNT = len(LATENCY_BUCKETS_MS) + 1  # the finite buckets and the overflow
 
@@ -86,31 +88,46 @@ COUNT_FIELDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-@dataclass(slots=True)
-class UsageSums:
-    """Additive figures of a set of calls: counts, tokens, picodollars and a latency histogram."""
+SUM_FIELDS: tuple[str, ...] = (
+    *COUNT_FIELDS,
+    "latency_ms_sum",
+    *(f"lat_b{i:02d}" for i in range(BUCKET_COUNT)),
+)
+_LATENCY_SUM_AT = len(COUNT_FIELDS)
 
-    requests: int = 0
-    successes: int = 0
-    errors: int = 0
-    blocked: int = 0
-    unpriced_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    total_tokens: int = 0
-    cost_pico_usd: int = 0
-    latency_ms_sum: float = 0.0
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * BUCKET_COUNT)
+
+class UsageSums:
+    """Additive figures of a set of calls, as one flat list in ``SUM_FIELDS`` order: counts,
+    tokens, picodollars, the latency sum and the latency histogram. Kept flat because a report
+    adds up hundreds of groups and one list comprehension per group is the cheap way."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Sequence[Any] | None = None) -> None:
+        self.values: list[Any] = list(values) if values is not None else [0] * len(SUM_FIELDS)
 
     def add(self, other: UsageSums) -> None:
-        for name in COUNT_FIELDS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.latency_ms_sum += other.latency_ms_sum
-        self.latency_buckets = [
-            a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)
-        ]
+        self.values = [a + b for a, b in zip(self.values, other.values, strict=True)]
+
+    def counts(self) -> dict[str, int]:
+        """The ``COUNT_FIELDS`` by name."""
+        return dict(zip(COUNT_FIELDS, self.values, strict=False))
+
+    @property
+    def requests(self) -> int:
+        return int(self.values[0])
+
+    @property
+    def cost_pico_usd(self) -> int:
+        return int(self.values[COUNT_FIELDS.index("cost_pico_usd")])
+
+    @property
+    def latency_ms_sum(self) -> float:
+        return float(self.values[_LATENCY_SUM_AT])
+
+    @property
+    def latency_buckets(self) -> list[int]:
+        return self.values[_LATENCY_SUM_AT + 1 :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,16 +144,10 @@ def _groups(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
     groups = []
     for row in rows:
         day, model, agent, *values = row
-        counts = [int(v or 0) for v in values[: len(COUNT_FIELDS)]]
-        latency_sum = float(values[len(COUNT_FIELDS)] or 0.0)
-        buckets = [int(v or 0) for v in values[len(COUNT_FIELDS) + 1 :]]
-        sums = UsageSums(
-            **dict(zip(COUNT_FIELDS, counts, strict=True)),
-            latency_ms_sum=latency_sum,
-            latency_buckets=buckets,
-        )
         if isinstance(day, str):  # SQLite's date() returns text
             day = date.fromisoformat(day)
+        sums = UsageSums([int(v or 0) for v in values])
+        sums.values[_LATENCY_SUM_AT] = float(values[_LATENCY_SUM_AT] or 0.0)
         groups.append(UsageGroup(day=day, model=model, agent=agent or "", sums=sums))
     return groups
 
@@ -149,23 +160,30 @@ def rollup_usage_groups(
     since_day: date | None = None,
     until_day: date | None = None,
 ) -> list[UsageGroup]:
-    """Sums per (day, model, agent) from the rollup, for days in ``[since_day, until_day)``."""
-    r = UsageRollupDaily
-    buckets = [r.__table__.c[f"lat_b{i:02d}"] for i in range(BUCKET_COUNT)]
-    sums = [func.sum(r.__table__.c[name]) for name in (*COUNT_FIELDS, "latency_ms_sum")]
+    """Sums per (day, model, agent) from the rollups, for days in ``[since_day, until_day)``.
+
+    Without a task or user it reads ``usage_rollup_daily_overall`` (a few rows a day), else
+    ``usage_rollup_daily`` through its (task_id, day) or (user_id, day) index.
+    """
+    table: Any = (
+        UsageRollupDailyOverall.__table__
+        if task_id is None and user_id is None
+        else UsageRollupDaily.__table__
+    )
+    c = table.c
     conditions: list[ColumnElement[bool]] = []
     if task_id is not None:
-        conditions.append(r.task_id == task_id)
+        conditions.append(c.task_id == task_id)
     if user_id is not None:
-        conditions.append(r.user_id == user_id)
+        conditions.append(c.user_id == user_id)
     if since_day is not None:
-        conditions.append(r.day >= since_day)
+        conditions.append(c.day >= since_day)
     if until_day is not None:
-        conditions.append(r.day < until_day)
+        conditions.append(c.day < until_day)
     stmt = (
-        select(r.day, r.model, r.agent, *sums, *(func.sum(b) for b in buckets))
+        select(c.day, c.model, c.agent, *(func.sum(c[name]) for name in SUM_FIELDS))
         .where(and_(True, *conditions))
-        .group_by(r.day, r.model, r.agent)
+        .group_by(c.day, c.model, c.agent)
     )
     return _groups(conn.execute(stmt).all())
 

@@ -83,17 +83,10 @@ def histogram_quantile(
 
 
 def _totals(sums: UsageSums) -> dict[str, object]:
+    counts = sums.counts()
+    del counts["cost_pico_usd"]
     return {
-        "requests": sums.requests,
-        "successes": sums.successes,
-        "errors": sums.errors,
-        "blocked": sums.blocked,
-        "unpriced_calls": sums.unpriced_calls,
-        "prompt_tokens": sums.prompt_tokens,
-        "completion_tokens": sums.completion_tokens,
-        "cached_tokens": sums.cached_tokens,
-        "reasoning_tokens": sums.reasoning_tokens,
-        "total_tokens": sums.total_tokens,
+        **counts,
         "cost_usd": pico_to_usd(sums.cost_pico_usd),
         "avg_latency_ms": sums.latency_ms_sum / sums.requests if sums.requests else None,
         "p95_latency_ms": histogram_quantile(0.95, sums.latency_buckets),
@@ -106,7 +99,11 @@ K = TypeVar("K", str, date)
 def _sum_by(groups: Iterable[UsageGroup], key: Callable[[UsageGroup], K]) -> dict[K, UsageSums]:
     sums: dict[K, UsageSums] = {}
     for group in groups:
-        sums.setdefault(key(group), UsageSums()).add(group.sums)
+        k = key(group)
+        if k in sums:
+            sums[k].add(group.sums)
+        else:
+            sums[k] = UsageSums(group.sums.values)
     return sums
 
 

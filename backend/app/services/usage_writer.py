@@ -1,4 +1,8 @@
-"""Persist usage rows exactly once: insert-if-new plus the daily rollup, in one transaction.
+"""Persist usage rows exactly once: insert-if-new plus the daily rollups, in one transaction.
+
+Two rollups are incremented with each new row: ``usage_rollup_daily`` (per day, user, task,
+model and agent: the task and user reports) and ``usage_rollup_daily_overall`` (per day, model
+and agent: everyone's spend, ~20 rows a day however many tasks ran).
 
 When the database is unreachable the row goes to the local spool and a background thread
 replays it when the database is back. Because ``request_id`` is unique and the rollup is only
@@ -19,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.models import LATENCY_BUCKETS_MS, LLMUsage, UsageRollupDaily
+from app.models_usage import UsageRollupDailyOverall
 from app.observability import USAGE_SPOOL_PENDING, USAGE_SPOOLED
 from app.services.usage_record import UsageRecord
 from app.services.usage_spool import UsageSpool
@@ -26,6 +31,7 @@ from app.services.usage_spool import UsageSpool
 logger = logging.getLogger(__name__)
 
 _ROLLUP_KEY = ("day", "user_id", "task_id", "model", "agent")
+_OVERALL_KEY = ("day", "model", "agent")
 _ROLLUP_SUMS = (
     "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
     "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "cost_pico_usd",
@@ -39,8 +45,8 @@ def latency_bucket(latency_ms: float) -> int:
 
 
 @functools.cache
-def _statements(dialect: str) -> tuple[Any, Any]:
-    """The two statements of a write, built once per dialect so SQLAlchemy's compiled cache
+def _statements(dialect: str) -> tuple[Any, Any, Any]:
+    """The three statements of a write, built once per dialect so SQLAlchemy's compiled cache
     serves every later call (values travel as parameters, not as new statements)."""
     insert: Any
     if dialect == "postgresql":
@@ -59,7 +65,13 @@ def _statements(dialect: str) -> tuple[Any, Any]:
         index_elements=list(_ROLLUP_KEY),
         set_={name: table.c[name] + rollup.excluded[name] for name in _ROLLUP_SUMS},
     )
-    return add_row, add_to_rollup
+    overall: Any = UsageRollupDailyOverall.__table__
+    overall_insert = insert(overall)
+    add_to_overall = overall_insert.on_conflict_do_update(
+        index_elements=list(_OVERALL_KEY),
+        set_={name: overall.c[name] + overall_insert.excluded[name] for name in _ROLLUP_SUMS},
+    )
+    return add_row, add_to_rollup, add_to_overall
 
 
 def rollup_values(record: UsageRecord) -> dict[str, Any]:
@@ -90,11 +102,16 @@ def rollup_values(record: UsageRecord) -> dict[str, Any]:
 
 def insert_usage(conn: Connection, record: UsageRecord) -> bool:
     """Insert the row and, only if it is new, add it to the rollup. True if inserted."""
-    add_row, add_to_rollup = _statements(conn.dialect.name)
+    add_row, add_to_rollup, add_to_overall = _statements(conn.dialect.name)
     # RETURNING tells whether the row was new; rowcount is not reliable here on every driver.
     if conn.execute(add_row, record.row()).first() is None:
         return False
-    conn.execute(add_to_rollup, rollup_values(record))
+    values = rollup_values(record)
+    conn.execute(add_to_rollup, values)
+    # Last: every writer of this (day, model, agent) updates the same row; its lock is held
+    # from here to the commit, so as briefly as possible.
+    del values["user_id"], values["task_id"]
+    conn.execute(add_to_overall, values)
     return True
 
 

@@ -26,6 +26,8 @@ from app.models import TaskMetrics
 from app.services.usage_record import UsageRecord
 from app.services.usage_writer import insert_usage
 
+ADMIN = Principal("root", "admin")
+
 NOW = datetime(2026, 3, 10, 15, 30, tzinfo=UTC)
 # days=7 at NOW covers [2026-03-04T00:00Z, 2026-03-11T00:00Z).
 WINDOW_START = datetime(2026, 3, 4, tzinfo=UTC)
@@ -92,7 +94,8 @@ def runtimes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run
 def app(
     database_url: str, runtimes: dict[str, Runtime], tmp_path_factory: pytest.TempPathFactory
 ) -> FastAPI:
-    """The real application on the test database, its runtime installed as the lifespan would."""
+    """The real application on the test database, its runtime installed as the lifespan would
+    (the rest of the lifespan, the task worker and access control, is not needed here)."""
     if database_url not in runtimes:
         settings = Settings(
             database_url=database_url,
@@ -105,6 +108,8 @@ def app(
     application = create_app(runtimes[database_url].settings)
     application.state.runtime = runtimes[database_url]
     application.dependency_overrides[utc_now] = lambda: NOW
+    # Authentication is the auth module's (and its tests'); here the caller is given.
+    application.dependency_overrides[current_principal] = lambda: ADMIN
     return application
 
 

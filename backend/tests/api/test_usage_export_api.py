@@ -21,6 +21,8 @@ from app.main import create_app
 from app.services.usage_record import UsageRecord
 from app.services.usage_writer import insert_usage
 
+ADMIN = Principal("root", "admin")
+
 
 def usage(**fields: Any) -> UsageRecord:
     fields.setdefault("request_id", uuid.uuid4().hex)
@@ -72,6 +74,8 @@ def app(
         runtimes[database_url] = Runtime.build(settings, start_background=False)
     application = create_app(runtimes[database_url].settings)
     application.state.runtime = runtimes[database_url]
+    # Authentication is the auth module's (and its tests'); here the caller is given.
+    application.dependency_overrides[current_principal] = lambda: ADMIN
     return application
 
 

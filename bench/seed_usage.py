@@ -1,0 +1,330 @@
+"""Bulk-load a synthetic usage ledger for the usage-API benchmark (``bench/usage_endpoints.py``).
+
+    cd backend
+    .venv/bin/python ../bench/seed_usage.py --db sqlite:///data/bench-usage.db --rows 1000000
+    .venv/bin/python ../bench/seed_usage.py \
+        --db postgresql+psycopg://postgres@127.0.0.1:5432/asa_bench --rows 10000000
+
+The database is dropped and rebuilt with the real migrations (``alembic upgrade head``). Rows
+are written with COPY on PostgreSQL and ``executemany`` on SQLite; then the daily rollup is built
+from them with one ``INSERT ... SELECT ... GROUP BY`` (the same sums the usage writer keeps
+row by row; ``usage_endpoints.py`` checks the two agree), the overall rollup from that, and
+``task_metrics`` gets the rows the orchestrator writes for each finished task.
+
+The shape (deterministic for a given ``--seed``): calls spread over the last ``--days`` UTC days
+ending today; ``--users`` users; tasks of 10-70 calls (40 on average) made on one day by one
+user, each with one or two of five models; three agents (2% of calls have none); 94% success,
+4% error, 2% blocked; 1% on an unpriced model; log-normal latency around 1.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+BACKEND = Path(__file__).resolve().parents[1] / "backend"
+sys.path.insert(0, str(BACKEND))
+
+from app.core.db import create_db_engine  # noqa: E402
+from app.core.migrations import upgrade_to_head  # noqa: E402
+from app.models import LATENCY_BUCKETS_MS  # noqa: E402
+
+# (model, input pico-USD per token, output pico-USD per token); the last one has no price.
+MODELS = [
+    ("gpt-4o", 2_500_000, 10_000_000),
+    ("gpt-4o-mini", 150_000, 600_000),
+    ("gpt-4.1", 2_000_000, 8_000_000),
+    ("o3-mini", 1_100_000, 4_400_000),
+    ("local-llama", 0, 0),
+]
+AGENTS = ["fix_agent", "code_agent", "test_generator"]
+COLUMNS = (
+    "id", "request_id", "task_id", "user_id", "agent", "provider", "model", "prompt_tokens",
+    "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cost_pico_usd",
+    "cost_status", "latency_ms", "status", "is_stream", "is_partial", "attempts", "error_type",
+    "timestamp",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int
+    days: int
+    users: int
+    seed: int
+    today: date
+
+
+def generate(shape: Shape, *, iso_tz: bool) -> Iterator[tuple[object, ...]]:
+    """Rows in COLUMNS order; timestamps as text in the form each backend stores.
+
+    Written for speed (about 10 us a row): a task's calls all fall on its day, so timestamps
+    are formatted from integers rather than through datetime.
+    """
+    rng = random.Random(shape.seed)
+    rand, randrange = rng.random, rng.randrange
+    # Draws from fixed pools of 2^16 log-normal values: an order of magnitude faster.
+    pool = 1 << 16
+    prompts = [int(rng.lognormvariate(7.5, 0.8)) for _ in range(pool)]
+    completions = [int(rng.lognormvariate(5.5, 0.9)) for _ in range(pool)]
+    latencies = [round(rng.lognormvariate(math.log(1200), 0.7), 3) for _ in range(pool)]
+    first_day = shape.today - timedelta(days=shape.days - 1)
+    day_texts = [(first_day + timedelta(days=d)).isoformat() for d in range(shape.days)]
+    suffix = "+00" if iso_tz else ""
+    seq = 0
+    task_no = 0
+    while seq < shape.rows:
+        task_no += 1
+        task_id = f"task-{task_no:08d}"
+        user_id = f"user-{randrange(shape.users):05d}"
+        day_text = day_texts[randrange(shape.days)]
+        start = randrange(70_000)  # seconds into the day; 70 calls x 20 s still end that day
+        models = rng.sample(MODELS[:4], rng.choice((1, 2)))
+        calls = min(rng.randint(10, 70), shape.rows - seq)
+        for i in range(calls):
+            seq += 1
+            model, in_price, out_price = MODELS[4] if rand() < 0.01 else models[i % len(models)]
+            agent = AGENTS[i % 3] if rand() >= 0.02 else None
+            r = rand()
+            status = "success" if r < 0.94 else "error" if r < 0.98 else "blocked"
+            if status == "blocked":
+                prompt = completion = cached = reasoning = 0
+                latency = round(r * 100 - 98, 3)  # r in [0.98, 1): 0-2 ms
+            else:
+                prompt = prompts[int(rand() * pool)]
+                completion = completions[int(rand() * pool)] if status == "success" else 0
+                cached = prompt // 2 if rand() < 0.3 else 0
+                reasoning = completion // 3 if model == "o3-mini" else 0
+                latency = latencies[int(rand() * pool)]
+            cost = (prompt - cached) * in_price + cached * in_price // 2 + completion * out_price
+            second = start + i * 20
+            stamp = (
+                f"{day_text} {second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}"
+                f".{int(rand() * 1_000_000):06d}{suffix}"
+            )
+            yield (
+                f"{seq:032x}",
+                f"req-{seq:012d}",
+                task_id,
+                user_id,
+                agent,
+                "openai",
+                model,
+                prompt,
+                completion,
+                prompt + completion,
+                cached,
+                reasoning,
+                cost,
+                "unpriced" if in_price == 0 else "priced",
+                latency,
+                status,
+                False,
+                False,
+                1,
+                "APIError" if status == "error" else None,
+                stamp,
+            )
+
+
+def _rollup_sql(dialect: str) -> str:
+    day = "(timezone('UTC', timestamp))::date" if dialect == "postgresql" else "date(timestamp)"
+    whens = " ".join(f"WHEN latency_ms <= {b} THEN {i}" for i, b in enumerate(LATENCY_BUCKETS_MS))
+    bucket = f"(CASE {whens} ELSE {len(LATENCY_BUCKETS_MS)} END)"
+    buckets = [f"lat_b{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
+    bucket_sums = ", ".join(
+        f"SUM(CASE WHEN {bucket} = {i} THEN 1 ELSE 0 END)" for i in range(len(buckets))
+    )
+    return f"""
+        INSERT INTO usage_rollup_daily (
+            day, user_id, task_id, model, agent, requests, successes, errors, blocked,
+            unpriced_calls, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
+            total_tokens, cost_pico_usd, latency_ms_sum, {", ".join(buckets)})
+        SELECT {day}, COALESCE(user_id, ''), COALESCE(task_id, ''), model, COALESCE(agent, ''),
+            COUNT(*),
+            SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN status = 'blocked' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN cost_status = 'unpriced' AND status <> 'blocked' THEN 1 ELSE 0 END),
+            SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+            SUM(reasoning_tokens), SUM(total_tokens), SUM(cost_pico_usd), SUM(latency_ms),
+            {bucket_sums}
+        FROM llm_usage
+        GROUP BY 1, 2, 3, 4, 5
+    """
+
+
+def _overall_sql() -> str:
+    """``usage_rollup_daily_overall`` from the per-task rollup (as migration 0003 fills it)."""
+    sums = [
+        "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
+        "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens",
+        "cost_pico_usd", "latency_ms_sum", *(f"lat_b{i:02d}" for i in range(15)),
+    ]  # fmt: skip
+    return (
+        f"INSERT INTO usage_rollup_daily_overall (day, model, agent, {', '.join(sums)}) "
+        f"SELECT day, model, agent, {', '.join(f'SUM({s})' for s in sums)} "
+        "FROM usage_rollup_daily GROUP BY day, model, agent"
+    )
+
+
+def _task_metrics_sql(dialect: str) -> str:
+    """What the orchestrator writes per finished task, derived from the task's calls."""
+    if dialect == "postgresql":
+        pick = "(hashtext(task_id) & 1023)"
+        to_usd = "SUM(cost_pico_usd)::numeric / 1000000000000"
+        new_id = "md5(task_id || '{name}')"
+    else:
+        pick = "(abs(CAST(substr(task_id, 6) AS INTEGER) * 2654435761) % 1024)"
+        to_usd = "SUM(cost_pico_usd) / 1000000000000.0"
+        new_id = "lower(hex(randomblob(16)))"
+    finished = "MAX(timestamp)"
+    metrics = {
+        "succeeded": f"CASE WHEN {pick} < 700 THEN 1 ELSE 0 END",
+        "duration_seconds": f"(60 + {pick} * 3.7)",
+        "cost_usd": to_usd,
+        "llm_calls": "COUNT(*)",
+    }
+    selects = []
+    for name, value in metrics.items():
+        selects.append(
+            f"SELECT {new_id.format(name=name)}, task_id, '{name}', {value}, {finished} "
+            "FROM llm_usage GROUP BY task_id"
+        )
+    status = (
+        f"CASE WHEN {pick} < 700 THEN 'status.succeeded' WHEN {pick} < 950 THEN 'status.failed' "
+        f"WHEN {pick} < 1000 THEN 'status.budget_exceeded' ELSE 'status.cancelled' END"
+    )
+    selects.append(
+        f"SELECT {new_id.format(name='status')}, task_id, {status}, 1, {finished} "
+        "FROM llm_usage GROUP BY task_id"
+    )
+    return (
+        "INSERT INTO task_metrics (id, task_id, metric_name, metric_value, timestamp) "
+        + " UNION ALL ".join(selects)
+    )
+
+
+def recreate_database(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "")
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        return
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+    admin.dispose()
+
+
+def load_postgres(engine: Engine, shape: Shape) -> None:
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        copy_sql = f"COPY llm_usage ({', '.join(COLUMNS)}) FROM STDIN"
+        with cursor.copy(copy_sql) as copy:
+            buffer = io.StringIO()
+            for n, row in enumerate(generate(shape, iso_tz=True), 1):
+                buffer.write("\t".join(r"\N" if v is None else str(v) for v in row))
+                buffer.write("\n")
+                if n % 50_000 == 0:
+                    copy.write(buffer.getvalue())
+                    buffer = io.StringIO()
+            copy.write(buffer.getvalue())
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def load_sqlite(engine: Engine, shape: Shape) -> None:
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("PRAGMA synchronous=OFF")
+        placeholders = ", ".join("?" * len(COLUMNS))
+        sql = f"INSERT INTO llm_usage ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+        batch: list[tuple[object, ...]] = []
+        for row in generate(shape, iso_tz=False):
+            batch.append(row)
+            if len(batch) == 50_000:
+                cursor.executemany(sql, batch)
+                batch.clear()
+        cursor.executemany(sql, batch)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def seed(url: str, shape: Shape) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    recreate_database(url)
+    upgrade_to_head(url)
+    engine = create_db_engine(url)
+    dialect = engine.dialect.name
+    timings["migrate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    (load_postgres if dialect == "postgresql" else load_sqlite)(engine, shape)
+    timings["load_rows_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with engine.begin() as conn:
+        if dialect == "postgresql":
+            conn.execute(text("SET LOCAL work_mem = '256MB'"))
+        conn.execute(text(_rollup_sql(dialect)))
+        conn.execute(text(_overall_sql()))
+        conn.execute(text(_task_metrics_sql(dialect)))
+    timings["build_rollup_and_task_metrics_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if dialect == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE"))
+    else:
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE"))
+    timings["analyze_s"] = time.perf_counter() - t0
+    with engine.connect() as conn:
+        for table in (
+            "llm_usage",
+            "usage_rollup_daily",
+            "usage_rollup_daily_overall",
+            "task_metrics",
+        ):
+            timings[f"{table}_rows"] = conn.execute(
+                text(f"SELECT COUNT(*) FROM {table}")
+            ).scalar_one()
+    engine.dispose()
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", required=True, help="SQLAlchemy URL; the database is recreated")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    shape = Shape(args.rows, args.days, args.users, args.seed, datetime.now(UTC).date())
+    print(f"seeding {args.rows:,} rows over {args.days} days into {args.db}", flush=True)
+    for name, value in seed(args.db, shape).items():
+        print(f"  {name}: {value:,.1f}" if isinstance(value, float) else f"  {name}: {value:,}")
+
+
+if __name__ == "__main__":
+    main()
