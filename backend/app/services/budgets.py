@@ -277,22 +277,19 @@ class DatabaseBudgetGuard:
     def _reserve(self, context: CallContext, amount: int, now: datetime) -> Reservation:
         day = now.date()
         keys = counter_keys(context.task_id, context.user_id, day)
-        reservation_id = uuid.uuid4().hex
+        row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
         # Raising inside the block rolls back every scope's increment made before it.
         with self._engine.begin() as conn:
             limits = resolve_limits(conn, self._settings, keys)
+            # The reservation row first, so counter rows (the global one is everybody's) stay
+            # locked for as short a time as possible: from their UPDATE to the commit.
+            store.insert_reservation(conn, row, created_at=now, expires_at=now + self._ttl)
             for key in keys:
                 limit = limits[key.scope].limit_pico
                 if not store.try_reserve(conn, key, amount, limit, now):
                     state = store.read_counter(conn, key) or CounterState()
                     raise self._exceeded(key, limit or 0, state, amount)
-            store.insert_reservation(
-                conn,
-                store.ReservationRow(reservation_id, amount, context.task_id, context.user_id, day),
-                created_at=now,
-                expires_at=now + self._ttl,
-            )
-        return Reservation(reservation_id, amount, context.task_id, context.user_id, day, limits)
+        return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
 
     @staticmethod
     def _exceeded(

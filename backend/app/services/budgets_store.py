@@ -15,7 +15,19 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.models_budget import BudgetCounter, BudgetLimitOverride, BudgetReservation
@@ -49,12 +61,12 @@ class CounterKey:
     def lock_order(self) -> tuple[int, str, date]:
         return (_LOCK_RANK[self.scope], self.subject_id, self.window_start)
 
-    def _where(self) -> Any:
-        return and_(
-            _counter.c.scope == self.scope.value,
-            _counter.c.subject_id == self.subject_id,
-            _counter.c.window_start == self.window_start,
-        )
+    def params(self) -> dict[str, Any]:
+        return {
+            "k_scope": self.scope.value,
+            "k_subject": self.subject_id,
+            "k_window": self.window_start,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +84,49 @@ class OverrideRow:
     soft_threshold: Decimal | None
     updated_by: str | None
     updated_at: datetime
+
+
+# -- statements -------------------------------------------------------------------------------
+# Built once: the hot path only binds parameters (building a statement per call cost more CPU
+# than the database round trip).
+
+_c = _counter.c
+_KEY = and_(
+    _c.scope == bindparam("k_scope"),
+    _c.subject_id == bindparam("k_subject"),
+    _c.window_start == bindparam("k_window"),
+)
+_NOW = bindparam("now", type_=DateTime(timezone=True))
+_AMOUNT = bindparam("amount", type_=BigInteger)
+_CAP = bindparam("cap", type_=BigInteger)
+_COUNTER_STATE = (_c.spent_pico_usd, _c.reserved_pico_usd, _c.soft_warned)
+
+_RESERVE_UNLIMITED = (
+    update(_counter)
+    .where(_KEY)
+    .values(reserved_pico_usd=_c.reserved_pico_usd + _AMOUNT, updated_at=_NOW)
+)
+_RESERVE_WITHIN_CAP = _RESERVE_UNLIMITED.where(
+    _c.spent_pico_usd + _c.reserved_pico_usd + _AMOUNT <= _CAP
+)
+_RESERVE_IF_ANY_LEFT = _RESERVE_UNLIMITED.where(_c.spent_pico_usd + _c.reserved_pico_usd < _CAP)
+_APPLY_DELTAS = (
+    update(_counter)
+    .where(_KEY)
+    .values(
+        spent_pico_usd=_c.spent_pico_usd + bindparam("d_spent", type_=BigInteger),
+        reserved_pico_usd=_c.reserved_pico_usd + bindparam("d_reserved", type_=BigInteger),
+        updated_at=_NOW,
+    )
+    .returning(*_COUNTER_STATE)
+)
+_READ_COUNTER = select(*_COUNTER_STATE).where(_KEY)
+_MARK_SOFT_WARNED = update(_counter).where(_KEY, _c.soft_warned.is_(False)).values(soft_warned=True)
+_INSERT_RESERVATION = insert(_reservation)
+_DELETE_RESERVATION = delete(_reservation).where(_reservation.c.id == bindparam("r_id"))
+_OVERRIDES_OF_SUBJECTS = select(_override).where(
+    _override.c.subject_id.in_(bindparam("subjects", expanding=True))
+)
 
 
 # -- counters ---------------------------------------------------------------------------------
@@ -112,30 +167,23 @@ def try_reserve(
     row it locks, so concurrent reservations can never pass the limit together. A zero amount
     (a model without a known price) passes only while something of the limit is left.
     """
-    stmt = (
-        update(_counter)
-        .where(key._where())
-        .values(reserved_pico_usd=_counter.c.reserved_pico_usd + amount_pico, updated_at=now)
-    )
-    if limit_pico is not None:
-        committed = _counter.c.spent_pico_usd + _counter.c.reserved_pico_usd
-        stmt = stmt.where(
-            committed + amount_pico <= limit_pico if amount_pico > 0 else committed < limit_pico
-        )
-    if conn.execute(stmt).rowcount == 1:
+    if limit_pico is None:
+        stmt = _RESERVE_UNLIMITED
+    else:
+        stmt = _RESERVE_WITHIN_CAP if amount_pico > 0 else _RESERVE_IF_ANY_LEFT
+    params = {**key.params(), "amount": amount_pico, "cap": limit_pico, "now": now}
+    if limit_pico is None:
+        del params["cap"]
+    if conn.execute(stmt, params).rowcount == 1:
         return True
     # No row matched: over the limit, or no row yet (perhaps created by another transaction
     # since). Make sure it exists, then the second UPDATE's answer is final.
     ensure_counter(conn, key, now)
-    return bool(conn.execute(stmt).rowcount == 1)
+    return bool(conn.execute(stmt, params).rowcount == 1)
 
 
 def read_counter(conn: Connection, key: CounterKey) -> CounterState | None:
-    row = conn.execute(
-        select(
-            _counter.c.spent_pico_usd, _counter.c.reserved_pico_usd, _counter.c.soft_warned
-        ).where(key._where())
-    ).first()
+    row = conn.execute(_READ_COUNTER, key.params()).first()
     if row is None:
         return None
     return CounterState(int(row[0]), int(row[1]), bool(row[2]))
@@ -148,35 +196,19 @@ def apply_counter_deltas(
     after: dict[CounterKey, CounterState] = {}
     for key in sorted(deltas, key=lambda k: k.lock_order):
         spent, reserved = deltas[key]
-        stmt = (
-            update(_counter)
-            .where(key._where())
-            .values(
-                spent_pico_usd=_counter.c.spent_pico_usd + spent,
-                reserved_pico_usd=_counter.c.reserved_pico_usd + reserved,
-                updated_at=now,
-            )
-            .returning(
-                _counter.c.spent_pico_usd, _counter.c.reserved_pico_usd, _counter.c.soft_warned
-            )
-        )
-        row = conn.execute(stmt).first()
+        params = {**key.params(), "d_spent": spent, "d_reserved": reserved, "now": now}
+        row = conn.execute(_APPLY_DELTAS, params).first()
         if row is None:
             # Spend landing in a window no reservation opened yet (a call that ran past midnight).
             ensure_counter(conn, key, now)
-            row = conn.execute(stmt).one()
+            row = conn.execute(_APPLY_DELTAS, params).one()
         after[key] = CounterState(int(row[0]), int(row[1]), bool(row[2]))
     return after
 
 
 def mark_soft_warned(conn: Connection, key: CounterKey) -> bool:
     """Flag the window as warned; True only for the one transaction that flipped the flag."""
-    stmt = (
-        update(_counter)
-        .where(key._where(), _counter.c.soft_warned.is_(False))
-        .values(soft_warned=True)
-    )
-    return bool(conn.execute(stmt).rowcount == 1)
+    return bool(conn.execute(_MARK_SOFT_WARNED, key.params()).rowcount == 1)
 
 
 # -- reservations -----------------------------------------------------------------------------
@@ -195,22 +227,22 @@ def insert_reservation(
     conn: Connection, row: ReservationRow, *, created_at: datetime, expires_at: datetime
 ) -> None:
     conn.execute(
-        insert(_reservation).values(
-            id=row.id,
-            amount_pico_usd=row.amount_pico,
-            task_id=row.task_id,
-            user_id=row.user_id,
-            window_day=row.window_day,
-            created_at=created_at,
-            expires_at=expires_at,
-        )
+        _INSERT_RESERVATION,
+        {
+            "id": row.id,
+            "amount_pico_usd": row.amount_pico,
+            "task_id": row.task_id,
+            "user_id": row.user_id,
+            "window_day": row.window_day,
+            "created_at": created_at,
+            "expires_at": expires_at,
+        },
     )
 
 
 def delete_reservation(conn: Connection, reservation_id: str) -> bool:
     """Remove an open reservation; False if it was already gone (expired and reclaimed)."""
-    result = conn.execute(delete(_reservation).where(_reservation.c.id == reservation_id))
-    return bool(result.rowcount == 1)
+    return bool(conn.execute(_DELETE_RESERVATION, {"r_id": reservation_id}).rowcount == 1)
 
 
 def delete_expired_reservations(
@@ -264,13 +296,12 @@ def read_overrides(
     conn: Connection, subjects: Iterable[tuple[BudgetScope, str]]
 ) -> dict[BudgetScope, OverrideRow]:
     """The overrides of the given ``(scope, subject)`` pairs, in one query."""
-    wanted = [(s.value, subject) for s, subject in subjects]
+    wanted = set(subjects)
     if not wanted:
         return {}
-    stmt = select(_override).where(
-        or_(*(and_(_override.c.scope == s, _override.c.subject_id == sub) for s, sub in wanted))
-    )
-    return {BudgetScope(r.scope): _override_row(r) for r in conn.execute(stmt)}
+    rows = conn.execute(_OVERRIDES_OF_SUBJECTS, {"subjects": sorted({s for _, s in wanted})})
+    found = (_override_row(r) for r in rows)
+    return {o.scope: o for o in found if (o.scope, o.subject_id) in wanted}
 
 
 def upsert_override(
