@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,10 +19,10 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 class BodySizeLimitMiddleware:
     """Answers 413 to a request whose body exceeds the service's ``MAX_REQUEST_BODY_BYTES``.
 
-    Starlette's ``RequestBodyLimitResponder`` does the counting (a declared Content-Length over
-    the limit fails at the first read, a chunked body as soon as it passes the limit); this
-    wrapper only supplies the limit of the running service (``app.state.access``), which is
-    known after start-up, not when the application object is built.
+    A declared Content-Length over the limit is answered here, before a byte is read; any
+    other body is counted by Starlette's ``RequestBodyLimitResponder`` as the application reads
+    it (its 413 is rendered by the error handler). The limit is the running service's
+    (``app.state.access``), known after start-up, not when the application object is built.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -30,7 +32,16 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await RequestBodyLimitResponder(self.app, _max_body_bytes(scope))(scope, receive, send)
+        limit = _max_body_bytes(scope)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse(
+                {"error": "payload_too_large", "detail": f"The body exceeds {limit} bytes."},
+                status_code=413,
+            )
+            await response(scope, receive, send)
+            return
+        await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
 
 
 def _max_body_bytes(scope: Scope) -> int:
