@@ -116,6 +116,8 @@ class Orchestrator:
             return task_store.task_spend(session, [self.task_id]).get(self.task_id, (0, 0))[0]
 
     def _ensure_budget(self, task: Task) -> None:
+        """Stop when the cap is already spent. The budget guard (when enforcement is on) also
+        refuses any call whose worst case no longer fits, before it reaches the provider."""
         if task.max_cost_pico_usd is not None and self._spent_pico() >= task.max_cost_pico_usd:
             raise TaskBudgetExhausted
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.api.auth import Principal
@@ -25,6 +25,8 @@ from app.core.errors import Conflict, NotFound
 from app.core.money import usd_to_pico
 from app.models import TERMINAL_TASK_STATUSES, LLMUsage, Task, TaskEvent, TaskMetrics
 from app.schemas.tasks import TaskSubmitRequest
+from app.services import budgets_store
+from app.services.budgets_store import BudgetScope
 
 MAX_RUNS = 2  # one restart after a crash, then the task fails
 
@@ -57,6 +59,17 @@ def create_task(
     )
     session.add(task)
     session.flush()
+    if task.max_cost_pico_usd is not None:
+        # The task's cap is a task-scope budget: every agent call reserves against it first.
+        budgets_store.upsert_override(
+            session.connection(),
+            BudgetScope.TASK,
+            task.id,
+            limit_pico=task.max_cost_pico_usd,
+            soft_threshold=None,
+            updated_by=principal.user_id,
+            now=task.created_at,
+        )
     add_event(session, task.id, "status", "queued")
     return task
 
@@ -89,11 +102,16 @@ def list_tasks(
 
 
 def task_spend(session: Session, task_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """(cost in picodollars, llm calls) per task, from the ledger."""
+    """(cost in picodollars, LLM calls that reached the provider) per task, from the ledger."""
     if not task_ids:
         return {}
+    reached_provider = case((LLMUsage.status == "blocked", 0), else_=1)
     rows = session.execute(
-        select(LLMUsage.task_id, func.coalesce(func.sum(LLMUsage.cost_pico_usd), 0), func.count())
+        select(
+            LLMUsage.task_id,
+            func.coalesce(func.sum(LLMUsage.cost_pico_usd), 0),
+            func.coalesce(func.sum(reached_provider), 0),
+        )
         .where(LLMUsage.task_id.in_(task_ids))
         .group_by(LLMUsage.task_id)
     ).all()

@@ -241,7 +241,13 @@ async def test_budget_running_out_mid_task_keeps_the_best_diff(
 
     assert task["status"] == "budget_exceeded", task
     assert "n * 3" in task["result"]["diff"]  # the best (only) attempt's diff is kept
-    assert task["llm_calls"] == 1
+    assert task["llm_calls"] == 1 and task["cost_usd"] == "0.25"
+    runtime: Runtime = client._transport.app.state.runtime  # type: ignore[attr-defined]
+    with runtime.session_factory() as session:
+        statuses = session.scalars(
+            select(LLMUsage.status).where(LLMUsage.task_id == task["task_id"])
+        ).all()
+    assert sorted(statuses) == ["blocked", "success"]  # the second call never reached the provider
 
 
 async def test_failing_fixes_end_in_failed_after_max_attempts(
