@@ -280,10 +280,11 @@ class DatabaseBudgetGuard:
         row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
         # Raising inside the block rolls back every scope's increment made before it.
         with self._engine.begin() as conn:
-            limits = resolve_limits(conn, self._settings, keys)
-            # The reservation row first, so counter rows (the global one is everybody's) stay
-            # locked for as short a time as possible: from their UPDATE to the commit.
+            # The reservation row first: the transaction starts with a write (on SQLite it takes
+            # the write lock at once, never upgrading a read snapshot), and the counter rows (the
+            # global one is everybody's) stay locked only from their UPDATE to the commit.
             store.insert_reservation(conn, row, created_at=now, expires_at=now + self._ttl)
+            limits = resolve_limits(conn, self._settings, keys)
             for key in keys:
                 limit = limits[key.scope].limit_pico
                 if not store.try_reserve(conn, key, amount, limit, now):

@@ -2,8 +2,8 @@
 
 Every function runs inside the caller's transaction and never commits. Writers touch counter
 rows in ``CounterKey.lock_order`` so that concurrent transactions on PostgreSQL never deadlock;
-on SQLite the first statement of each writing transaction is a write, so it takes the database
-write lock at once and never has to upgrade a read snapshot.
+the budget's writing transactions start with a write, so on SQLite each takes the database write
+lock at once (waiting out ``busy_timeout``) and never has to upgrade a read snapshot.
 """
 
 from __future__ import annotations
