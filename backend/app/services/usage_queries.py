@@ -17,9 +17,11 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Date,
+    Float,
     and_,
     case,
     cast,
@@ -146,10 +148,13 @@ def _groups(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
         day, model, agent, *values = row
         if isinstance(day, str):  # SQLite's date() returns text
             day = date.fromisoformat(day)
-        sums = UsageSums([int(v or 0) for v in values])
-        sums.values[_LATENCY_SUM_AT] = float(values[_LATENCY_SUM_AT] or 0.0)
-        groups.append(UsageGroup(day=day, model=model, agent=agent or "", sums=sums))
+        groups.append(UsageGroup(day=day, model=model, agent=agent, sums=UsageSums(values)))
     return groups
+
+
+def _summed(column: Any, name: str) -> ColumnElement[Any]:
+    # Typed sums: PostgreSQL's SUM(bigint) is numeric, which would arrive as Decimal.
+    return cast(func.sum(column), Float if name == "latency_ms_sum" else BigInteger)
 
 
 def rollup_usage_groups(
@@ -159,8 +164,10 @@ def rollup_usage_groups(
     user_id: str | None = None,
     since_day: date | None = None,
     until_day: date | None = None,
+    by_agent: bool = True,
 ) -> list[UsageGroup]:
-    """Sums per (day, model, agent) from the rollups, for days in ``[since_day, until_day)``.
+    """Sums per (day, model, agent) from the rollups, for days in ``[since_day, until_day)``;
+    per (day, model) with ``agent=''`` when not ``by_agent``.
 
     Without a task or user it reads ``usage_rollup_daily_overall`` (a few rows a day), else
     ``usage_rollup_daily`` through its (task_id, day) or (user_id, day) index.
@@ -180,10 +187,11 @@ def rollup_usage_groups(
         conditions.append(c.day >= since_day)
     if until_day is not None:
         conditions.append(c.day < until_day)
+    keys = [c.day, c.model, c.agent if by_agent else literal("")]
     stmt = (
-        select(c.day, c.model, c.agent, *(func.sum(c[name]) for name in SUM_FIELDS))
+        select(*keys, *(_summed(c[name], name) for name in SUM_FIELDS))
         .where(and_(True, *conditions))
-        .group_by(c.day, c.model, c.agent)
+        .group_by(*keys[: 3 if by_agent else 2])
     )
     return _groups(conn.execute(stmt).all())
 
@@ -208,6 +216,7 @@ def raw_usage_groups(
     user_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    by_agent: bool = True,
 ) -> list[UsageGroup]:
     """The same sums as :func:`rollup_usage_groups`, computed from ``llm_usage`` rows."""
     u = LLMUsage
@@ -215,28 +224,28 @@ def raw_usage_groups(
     bucket = _latency_bucket(u.latency_ms)
 
     def count_if(condition: ColumnElement[bool]) -> ColumnElement[Any]:
-        return func.sum(case((condition, 1), else_=0))
+        return _summed(case((condition, 1), else_=0), "count")
 
     columns = [
-        func.count(),
+        cast(func.count(), BigInteger),
         count_if(u.status == "success"),
         count_if(u.status == "error"),
         count_if(u.status == "blocked"),
         count_if(and_(u.cost_status == "unpriced", u.status != "blocked")),
-        func.sum(u.prompt_tokens),
-        func.sum(u.completion_tokens),
-        func.sum(u.cached_tokens),
-        func.sum(u.reasoning_tokens),
-        func.sum(u.total_tokens),
-        func.sum(u.cost_pico_usd),
-        func.sum(u.latency_ms),
+        _summed(u.prompt_tokens, "prompt_tokens"),
+        _summed(u.completion_tokens, "completion_tokens"),
+        _summed(u.cached_tokens, "cached_tokens"),
+        _summed(u.reasoning_tokens, "reasoning_tokens"),
+        _summed(u.total_tokens, "total_tokens"),
+        _summed(u.cost_pico_usd, "cost_pico_usd"),
+        _summed(u.latency_ms, "latency_ms_sum"),
         *(count_if(bucket == i) for i in range(BUCKET_COUNT)),
     ]
-    agent = func.coalesce(u.agent, "")
+    keys = [day, u.model, func.coalesce(u.agent, "") if by_agent else literal("")]
     stmt = (
-        select(day, u.model, agent, *columns)
+        select(*keys, *columns)
         .where(and_(True, *_usage_row_filter(task_id, user_id, since, until)))
-        .group_by(day, u.model, agent)
+        .group_by(*keys[: 3 if by_agent else 2])
     )
     return _groups(conn.execute(stmt).all())
 

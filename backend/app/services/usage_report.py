@@ -112,10 +112,11 @@ def _most_expensive_first(sums: dict[str, UsageSums]) -> list[tuple[str, UsageSu
 
 
 def _breakdowns(groups: list[UsageGroup]) -> dict[str, object]:
+    by_model_sums = _sum_by(groups, lambda g: g.model)
     total = UsageSums()
-    for group in groups:
-        total.add(group.sums)
-    by_model = _most_expensive_first(_sum_by(groups, lambda g: g.model))
+    for sums in by_model_sums.values():
+        total.add(sums)
+    by_model = _most_expensive_first(by_model_sums)
     by_day = sorted(_sum_by(groups, lambda g: g.day).items())
     return {
         "totals": UsageTotals.model_validate(_totals(total)),
@@ -131,6 +132,7 @@ def _groups(
     task_id: str | None = None,
     user_id: str | None = None,
     window: UsageWindow | None = None,
+    by_agent: bool = False,
 ) -> list[UsageGroup]:
     conn = session.connection()
     if source == "raw":
@@ -140,6 +142,7 @@ def _groups(
             user_id=user_id,
             since=window.since if window else None,
             until=window.until if window else None,
+            by_agent=by_agent,
         )
     return usage_queries.rollup_usage_groups(
         conn,
@@ -147,6 +150,7 @@ def _groups(
         user_id=user_id,
         since_day=window.since.date() if window else None,
         until_day=window.until.date() if window else None,
+        by_agent=by_agent,
     )
 
 
@@ -169,7 +173,7 @@ def task_usage(
 ) -> TaskUsageResponse:
     """Everything the task's calls cost, over the task's whole life."""
     user_ids = authorize_task(session, principal, task_id)
-    groups = _groups(session, source, task_id=task_id)
+    groups = _groups(session, source, task_id=task_id, by_agent=True)
     by_agent = _most_expensive_first(_sum_by(groups, lambda g: g.agent))
     return TaskUsageResponse.model_validate(
         {
