@@ -33,10 +33,12 @@ Models without a known price reserve 0: they are admitted only while their scope
 something left, and their calls (recorded ``unpriced``) add nothing to spend — give them a price
 in ``PRICE_OVERRIDES`` to budget them.
 
-If the database cannot be reached, calls are refused with ``BudgetUnavailableError`` (503) when
-any ``BUDGET_*`` default limit is set; with none set they go ahead unmetered (logged, and counted
-in ``llm_tracking_errors_total{stage="budget"}``), as per-user and per-task overrides cannot be
-read then.
+If the budget store fails (the database is unreachable), calls are refused with
+``BudgetUnavailableError`` (503) when any ``BUDGET_*`` default limit is set; with none set they go
+ahead unmetered (logged, and counted in ``llm_tracking_errors_total{stage="budget"}``), as
+per-user and per-task overrides cannot be read then. A settle that fails the same way is logged
+by the client (``llm_tracking_errors_total{stage="settle"}``); its reservation stays held until it
+expires (erring towards refusing), and its cost reaches the usage ledger but not the counters.
 """
 
 from __future__ import annotations
@@ -311,9 +313,9 @@ class DatabaseBudgetGuard:
         TRACKING_ERRORS.labels("budget").inc()
         if any_default_limit(self._settings):
             raise BudgetUnavailableError(
-                "Budgets cannot be checked (database unreachable); the call was not made."
+                "Budgets cannot be checked (the budget store failed); the call was not made."
             ) from exc
-        logger.warning("Budget store unreachable; the call goes ahead unmetered: %s", exc)
+        logger.warning("Budget store failed; the call goes ahead unmetered: %s", exc)
 
     def settle(self, reservation: Reservation, record: UsageRecord) -> None:
         """Replace the reservation with the call's recorded cost, in one transaction.
