@@ -408,7 +408,7 @@ class LLMClient(_BaseLLMClient):
         self._arm_settlement(prepared)
         token = current_attempts.set(tracker.attempts)
         try:
-            with trace.use_span(tracker.span, end_on_exit=False) if tracker.span else _null():
+            with _as_current(tracker):
                 result: ChatCompletion | Stream[ChatCompletionChunk]
                 result = self.client.chat.completions.create(**prepared.kwargs)
         except BaseException as exc:
@@ -454,7 +454,7 @@ class AsyncLLMClient(_BaseLLMClient):
         self._arm_settlement(prepared)
         token = current_attempts.set(tracker.attempts)
         try:
-            with trace.use_span(tracker.span, end_on_exit=False) if tracker.span else _null():
+            with _as_current(tracker):
                 result: ChatCompletion | AsyncStream[ChatCompletionChunk]
                 result = await self.client.chat.completions.create(**prepared.kwargs)
         except BaseException as exc:
@@ -467,6 +467,17 @@ class AsyncLLMClient(_BaseLLMClient):
         fields = _response_fields(result)
         await _in_thread(lambda: tracker.finish_success(**fields))
         return result
+
+
+def _as_current(tracker: CallTracker) -> Any:
+    """The call's span as the current span while the SDK runs. The tracker records the outcome
+    with a redacted message; the SDK's own exception event would carry the provider's raw error
+    text, which may quote the API key or the prompt, so it is not recorded."""
+    if tracker.span is None:
+        return _null()
+    return trace.use_span(
+        tracker.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
 
 
 class _null:

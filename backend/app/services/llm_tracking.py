@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 # A single call reporting more than this many tokens is treated as a provider bug, not billed.
 ABSURD_TOKEN_COUNT = 50_000_000
 _CHARS_PER_TOKEN = 4
+MIN_FRAGMENT_CHARS = 12  # shorter prompt lines are not masked on their own in error messages
 
 
 @dataclass
@@ -250,7 +251,7 @@ class CallTracker:
             partial=bool(output_text) or partial_usage is not None,
             flags=flags,
             error_type=type(exc).__name__,
-            error_message=safe_error_message(exc, self.context.secrets),
+            error_message=safe_error_message(exc, self._error_secrets()),
         )
         return self._complete(record, {}, error=exc)
 
@@ -261,11 +262,14 @@ class CallTracker:
             cost_pico=0,
             cost_status="priced",
             error_type=type(exc).__name__,
-            error_message=safe_error_message(exc, self.context.secrets),
+            error_message=safe_error_message(exc, self._error_secrets()),
         )
         return self._complete(record, {}, error=exc)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _error_secrets(self) -> tuple[str, ...]:
+        return (*self.context.secrets, *prompt_fragments(self.request.get("messages")))
 
     def _record(
         self,
@@ -392,6 +396,29 @@ class CallTracker:
             span.set_attribute("error.type", type(error).__name__)
             span.set_status(Status(StatusCode.ERROR, record.error_message or type(error).__name__))
         span.end()
+
+
+def prompt_fragments(messages: Any) -> tuple[str, ...]:
+    """The request's message texts, their longer lines and their JSON-escaped forms: what a
+    provider may quote back in an error, masked there like a secret (the prompt is the
+    caller's; it has no business in an error row, a span status or a log line)."""
+    texts: list[str] = []
+    for message in messages if isinstance(messages, list | tuple) else ():
+        content = (
+            message.get("content")
+            if isinstance(message, Mapping)
+            else getattr(message, "content", None)
+        )
+        parts: list[Any] = [content]
+        if isinstance(content, list):
+            parts = [p.get("text") for p in content if isinstance(p, Mapping)]
+        for text in parts:
+            if not isinstance(text, str) or not text.strip():
+                continue
+            lines = [line.strip() for line in text.splitlines()]
+            for fragment in (text, *(line for line in lines if len(line) >= MIN_FRAGMENT_CHARS)):
+                texts.extend((fragment, json.dumps(fragment)[1:-1]))
+    return tuple(texts)
 
 
 def _json_or_str(value: Any) -> str:
