@@ -6,6 +6,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletion
 from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from app.core.runtime import Runtime
 from app.services.llm_client import LLMClient
@@ -29,10 +30,20 @@ class Agent:
     name = "Agent"
     max_tokens = 4096
 
-    def __init__(self, runtime: Runtime, *, task_id: str, user_id: str, model: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        task_id: str,
+        user_id: str,
+        model: str,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.model = model
-        self.llm = LLMClient(task_id=task_id, user_id=user_id, agent=self.name, runtime=runtime)
-        self._tracer = trace.get_tracer("app.services.agents")
+        self._tracer = tracer or trace.get_tracer("app.services.agents")
+        self.llm = LLMClient(
+            task_id=task_id, user_id=user_id, agent=self.name, runtime=runtime, tracer=self._tracer
+        )
 
     def ask(self, system: str, user: str) -> str:
         """One tracked chat completion; the reply's text."""

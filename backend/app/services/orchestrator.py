@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opentelemetry import trace
+from opentelemetry.trace import Tracer
 from sqlalchemy import update
 
 from app.core.errors import AppError
@@ -79,14 +80,23 @@ class Orchestrator:
     """Runs one claimed task to a terminal status. ``stop`` interrupts it between steps."""
 
     def __init__(
-        self, runtime: Runtime, task_id: str, *, stop: threading.Event | None = None
+        self,
+        runtime: Runtime,
+        task_id: str,
+        *,
+        stop: threading.Event | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.task_id = task_id
         self.stop = stop or threading.Event()
         self.cancelled = threading.Event()
-        self._tracer = trace.get_tracer("app.services.orchestrator")
+        self._tracer = tracer or trace.get_tracer("app.services.orchestrator")
+
+    @staticmethod
+    def _agent_args(task: Task) -> dict[str, str]:
+        return {"task_id": task.id, "user_id": task.user_id, "model": task.model}
 
     # -- state helpers ----------------------------------------------------------------------
 
@@ -195,8 +205,8 @@ class Orchestrator:
             )
             baseline = self._git(repo, ws.home_dir, "rev-parse", "HEAD").strip()
 
-            fixer = FixAgent(self.runtime, task_id=task.id, user_id=task.user_id, model=task.model)
-            coder = CodeAgent(self.runtime, task_id=task.id, user_id=task.user_id, model=task.model)
+            fixer = FixAgent(self.runtime, tracer=self._tracer, **self._agent_args(task))
+            coder = CodeAgent(self.runtime, tracer=self._tracer, **self._agent_args(task))
             feedback: str | None = None
             for attempt in range(1, task.max_attempts + 1):
                 state.attempts = attempt
@@ -249,7 +259,7 @@ class Orchestrator:
         generator = TestGenerator(
             self.runtime, task_id=task.id, user_id=task.user_id, model=task.model
         )
-        coder = CodeAgent(self.runtime, task_id=task.id, user_id=task.user_id, model=task.model)
+        coder = CodeAgent(self.runtime, tracer=self._tracer, **self._agent_args(task))
         reply, _path = generator.write_test(
             repo, task.bug_description, task.test_command, before.summary
         )

@@ -70,7 +70,8 @@ BAD_EDIT = """mathlib.py
     return n % 2 == 0
 >>>>>>> REPLACE
 """
-PYTEST = f"{sys.executable} -m pytest -q -p no:cacheprovider"
+# Plugin autoload would import every installed pytest plugin in each run (seconds each).
+PYTEST = f"env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {sys.executable} -m pytest -q -p no:cacheprovider"
 TERMINAL = {"succeeded", "failed", "budget_exceeded", "cancelled", "error"}
 
 
