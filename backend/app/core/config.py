@@ -37,6 +37,13 @@ class Settings(BaseSettings):
         description="Where usage rows wait when the database is unreachable.",
     )
     spool_replay_interval_seconds: float = Field(default=2.0, gt=0)
+    sqlite_busy_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a SQLite write waits for another connection's lock before it "
+        "fails; a usage row then goes to the spool rather than hold up its call.",
+    )
     auto_migrate: bool = Field(
         default=True, description="Run the Alembic migrations to head when the service starts."
     )

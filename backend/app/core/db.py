@@ -12,14 +12,21 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def create_db_engine(url: str, **kwargs: Any) -> Engine:
-    """Build an engine tuned for a ledger: SQLite in WAL mode, pooled PostgreSQL."""
+def create_db_engine(url: str, *, sqlite_busy_timeout: float = 30.0, **kwargs: Any) -> Engine:
+    """Build an engine tuned for a ledger: SQLite in WAL mode, pooled PostgreSQL.
+
+    ``sqlite_busy_timeout``: seconds a SQLite statement waits for another connection's lock
+    before it fails (a usage row then goes to the spool).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = max(1, round(sqlite_busy_timeout * 1000))
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+            url,
+            connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout},
+            **kwargs,
         )
 
         @event.listens_for(engine, "connect")
@@ -28,7 +35,7 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
             # WAL + NORMAL: a committed row survives a process crash; readers never block writers.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

@@ -70,7 +70,9 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings | None = None, *, start_background: bool = True) -> Runtime:
         settings = settings or get_settings()
-        engine = create_db_engine(settings.database_url)
+        engine = create_db_engine(
+            settings.database_url, sqlite_busy_timeout=settings.sqlite_busy_timeout_seconds
+        )
         writer = UsageWriter(engine, UsageSpool(settings.spool_dir))
         simulator: SimulatorServer | None = None
         if settings.uses_simulator and not settings.openai_base_url:
