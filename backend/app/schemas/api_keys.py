@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.services.api_keys import NAME_MAX_CHARS, USER_ID_PATTERN
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back naive; they were written in UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UTCDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class ApiKeyCreate(BaseModel):
@@ -38,9 +46,9 @@ class ApiKeyView(BaseModel):
     role: Literal["user", "admin"]
     name: str | None
     prefix: str = Field(description="The key starts with asa_<prefix>_")
-    created_at: datetime
-    last_used_at: datetime | None = Field(description="Accurate to a minute")
-    revoked_at: datetime | None
+    created_at: UTCDatetime
+    last_used_at: UTCDatetime | None = Field(description="Accurate to a minute")
+    revoked_at: UTCDatetime | None
 
 
 class ApiKeyCreated(ApiKeyView):
