@@ -68,8 +68,8 @@ SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
 
 
-def utc_now() -> datetime:
-    """The request's clock (a dependency, so tests can pin it)."""
+async def utc_now() -> datetime:
+    """The request's clock (a dependency, so tests can pin it; async, so no thread hop)."""
     return datetime.now(UTC)
 
 
