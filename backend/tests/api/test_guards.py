@@ -152,3 +152,13 @@ def test_a_weak_metrics_token_is_refused() -> None:
     with pytest.raises(ValidationError, match="METRICS_TOKEN"):
         Settings(metrics_token="short")
     assert Settings(metrics_token="").metrics_token is None
+
+
+async def test_out_of_range_paging_gets_422_not_500(start_service: StartService) -> None:
+    service = await start_service()
+    client = service.client()
+    huge = 2**80  # found by the contract test: once a 500 from the database driver
+
+    for path in [f"/api/v1/limits/overrides?offset={huge}", f"/api/v1/task?offset={huge}"]:
+        response = await client.get(path)
+        assert response.status_code == 422, (path, response.text)

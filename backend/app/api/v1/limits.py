@@ -101,7 +101,7 @@ def list_overrides(
     _admin: AdminPrincipal,
     scope: Annotated[BudgetScope | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> LimitOverrideList:
     """Every stored override, by scope and subject."""
     rows = budget_limits.list_overrides(session, scope, limit=limit, offset=offset)
