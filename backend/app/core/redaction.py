@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 MASK = "[REDACTED]"
@@ -54,19 +54,42 @@ _exception_formatter = logging.Formatter()
 
 
 def redact_log_record(record: logging.LogRecord, secrets: Iterable[str] = ()) -> None:
-    """Mask secrets in ``record``'s message, traceback and stack, in place."""
+    """Mask secrets in ``record``'s message, traceback and stack, in place.
+
+    The arguments are masked one by one, so formatters that read ``record.args`` (uvicorn's
+    access log does) keep working; only when that is not enough (a secret split between the
+    template and an argument) is the record flattened to its masked message.
+    """
     try:
         message = record.getMessage()
     except Exception:  # a malformed record: the handler reports it as it always does
         return
-    cleaned = redact(message, secrets)
-    if cleaned != message:
-        record.msg, record.args = cleaned, None
+    if redact(message, secrets) != message:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg, secrets)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_arg(arg, secrets) for arg in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {k: _redact_arg(v, secrets) for k, v in record.args.items()}
+        try:
+            again: str | None = record.getMessage()
+        except Exception:
+            again = None
+        if again is None or redact(again, secrets) != again:
+            record.msg, record.args = redact(message, secrets), None
     if record.exc_info and not record.exc_text:
         # Formatters reuse a cached exc_text, so the traceback they print is this one.
         record.exc_text = redact(_exception_formatter.formatException(record.exc_info), secrets)
     if record.stack_info:
         record.stack_info = redact(record.stack_info, secrets)
+
+
+def _redact_arg(arg: Any, secrets: Iterable[str]) -> Any:
+    if arg is None or isinstance(arg, bool | int | float):
+        return arg
+    text = arg if isinstance(arg, str) else str(arg)
+    cleaned = redact(text, secrets)
+    return arg if cleaned == text else cleaned
 
 
 class _RedactingRecordFactory:

@@ -102,3 +102,19 @@ def test_exported_spans_are_redacted() -> None:
     assert dirty.status.status_code is StatusCode.ERROR
     assert dirty.context is not None and dirty.context.is_valid and dirty.end_time is not None
     assert clean.name == "clean" and clean.attributes is not None and clean.attributes["n"] == 1
+
+
+@pytest.mark.usefixtures("redacted_logs")
+def test_records_keep_their_arguments_for_formatters_that_read_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # uvicorn's access formatter unpacks record.args as (client, method, path, version, status).
+    logging.getLogger("uvicorn.access").warning(
+        '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", f"/x/{CONFIGURED}", "1.1", 200
+    )
+    logging.getLogger("app.split").warning("Bearer %s", "abcdefghijklmnop")
+
+    access, split = caplog.records[-2:]
+    assert isinstance(access.args, tuple) and len(access.args) == 5
+    assert access.args[2] == f"/x/{MASK}" and access.args[4] == 200
+    assert split.getMessage() == f"Bearer {MASK}"
