@@ -317,35 +317,22 @@ class DatabaseBudgetGuard:
             ) from exc
         logger.warning("Budget store failed; the call goes ahead unmetered: %s", exc)
 
-    def settle(self, reservation: Reservation, record: UsageRecord) -> None:
-        """Replace the reservation with the call's recorded cost, in one transaction.
+    def settle(
+        self, reservation: Reservation, record: UsageRecord, conn: Connection | None = None
+    ) -> None:
+        """Replace the reservation with the call's recorded cost.
 
-        The spend is booked in the UTC day (and month) of the record, as the usage ledger books
-        it; the reservation is released from the windows it was taken in, unless a sweep already
+        Inside ``conn``'s transaction when given (the client passes the usage row's, so the
+        ledger and the counters commit together), else in a transaction of its own. The spend
+        is booked in the UTC day (and month) of the record, as the usage ledger books it; the
+        reservation is released from the windows it was taken in, unless a sweep already
         reclaimed it.
         """
-        now = self._clock()
-        actual = max(record.cost_pico_usd, 0)
-        spend_day = record.timestamp.astimezone(UTC).date()
-        deltas: dict[CounterKey, tuple[int, int]] = {}
-        with self._engine.begin() as conn:
-            released = store.delete_reservation(conn, reservation.id)
-            if released:
-                for key in counter_keys(
-                    reservation.task_id, reservation.user_id, reservation.window_day
-                ):
-                    deltas[key] = (0, -reservation.amount_pico)
-            if actual:
-                for key in counter_keys(reservation.task_id, reservation.user_id, spend_day):
-                    spent, reserved = deltas.get(key, (0, 0))
-                    deltas[key] = (spent + actual, reserved)
-            after = store.apply_counter_deltas(conn, deltas, now)
-            warned = [
-                key
-                for key, state in after.items()
-                if self._crossed_soft_limit(reservation.limits.get(key.scope), state)
-                and store.mark_soft_warned(conn, key)
-            ]
+        if conn is None:
+            with self._engine.begin() as own:
+                released, after, warned = self._settle_on(own, reservation, record)
+        else:
+            released, after, warned = self._settle_on(conn, reservation, record)
         if not released:
             logger.warning(
                 "Reservation %s had expired before its call settled; "
@@ -354,6 +341,32 @@ class DatabaseBudgetGuard:
             )
         for key in warned:
             self._warn_soft_limit(key, reservation.limits[key.scope], after[key])
+
+    def _settle_on(
+        self, conn: Connection, reservation: Reservation, record: UsageRecord
+    ) -> tuple[bool, dict[CounterKey, CounterState], list[CounterKey]]:
+        now = self._clock()
+        actual = max(record.cost_pico_usd, 0)
+        spend_day = record.timestamp.astimezone(UTC).date()
+        deltas: dict[CounterKey, tuple[int, int]] = {}
+        released = store.delete_reservation(conn, reservation.id)
+        if released:
+            for key in counter_keys(
+                reservation.task_id, reservation.user_id, reservation.window_day
+            ):
+                deltas[key] = (0, -reservation.amount_pico)
+        if actual:
+            for key in counter_keys(reservation.task_id, reservation.user_id, spend_day):
+                spent, reserved = deltas.get(key, (0, 0))
+                deltas[key] = (spent + actual, reserved)
+        after = store.apply_counter_deltas(conn, deltas, now)
+        warned = [
+            key
+            for key, state in after.items()
+            if self._crossed_soft_limit(reservation.limits.get(key.scope), state)
+            and store.mark_soft_warned(conn, key)
+        ]
+        return released, after, warned
 
     @staticmethod
     def _crossed_soft_limit(limit: Limit | None, state: CounterState) -> bool:

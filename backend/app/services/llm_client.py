@@ -28,6 +28,7 @@ from openai import AsyncStream, Stream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
+from sqlalchemy import Connection
 
 from app.core.runtime import Runtime, current_attempts, get_runtime
 from app.services import usage_queries
@@ -45,8 +46,9 @@ class BudgetGuard(Protocol):
     def reserve(self, *, context: CallContext, model: str, request: Mapping[str, Any]) -> Any:
         """Return a reservation handle, or raise ``BudgetExceededError``."""
 
-    def settle(self, reservation: Any, record: UsageRecord) -> None:
-        """Replace the reservation with the call's real cost (0 when it failed)."""
+    def settle(self, reservation: Any, record: UsageRecord, conn: Connection | None = None) -> None:
+        """Replace the reservation with the call's real cost (0 when it failed), inside
+        ``conn``'s transaction when given (the usage row's), else in a transaction of its own."""
 
 
 def _validate_messages(messages: Any) -> list[Any]:
@@ -320,7 +322,7 @@ class _BaseLLMClient:
         """Have the tracker settle the reservation with the call's final record."""
         guard, reservation = self.budget, prepared.reservation
         if guard is not None and reservation is not None:
-            prepared.tracker.on_complete = lambda record: guard.settle(reservation, record)
+            prepared.tracker.settle = lambda conn, record: guard.settle(reservation, record, conn)
 
     # -- the seed's usage helpers ---------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from sqlalchemy import Connection
 
 from app.core.money import usd_to_pico
 from app.core.redaction import safe_error_message
@@ -127,8 +128,9 @@ class CallTracker:
     span: Span | None = None
     started: float = 0.0
     finished: bool = False
-    # Called once with the final record (the budget settles its reservation here).
-    on_complete: Callable[[UsageRecord], None] | None = None
+    # Settles the call's budget reservation with its final record: given the usage write's
+    # connection it joins that transaction (one commit for both); given None it runs alone.
+    settle: Callable[[Connection | None, UsageRecord], None] | None = None
 
     def start(self) -> None:
         self.started = time.perf_counter()
@@ -319,11 +321,25 @@ class CallTracker:
         if self.finished:
             return None
         self.finished = True
+        settle = self.settle
+        settled = False
+        joined: Callable[[Connection], None] | None = None
+        if settle is not None:
+
+            def joined(conn: Connection) -> None:
+                settle(conn, record)
+
         try:
-            self.writer.write(record)
+            settled = self.writer.write(record, also=joined).also_committed
         except Exception:
             TRACKING_ERRORS.labels("write").inc()
             logger.exception("Could not persist or spool usage row %s", record.request_id)
+        if settle is not None and not settled:
+            try:
+                settle(None, record)
+            except Exception:
+                TRACKING_ERRORS.labels("settle").inc()
+                logger.exception("Could not settle the budget reservation of %s", record.request_id)
         try:
             self._observe(record)
         except Exception:
@@ -334,12 +350,6 @@ class CallTracker:
         except Exception:
             TRACKING_ERRORS.labels("span").inc()
             logger.exception("Could not end the LLM span")
-        if self.on_complete is not None:
-            try:
-                self.on_complete(record)
-            except Exception:
-                TRACKING_ERRORS.labels("settle").inc()
-                logger.exception("Could not settle the budget reservation of %s", record.request_id)
         return record
 
     def _observe(self, record: UsageRecord) -> None:

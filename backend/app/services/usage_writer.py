@@ -15,7 +15,8 @@ import bisect
 import functools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -115,6 +116,15 @@ def insert_usage(conn: Connection, record: UsageRecord) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    persisted: bool  # False: the row is in the spool
+    also_committed: bool  # the joined work committed with the row
+
+    def __bool__(self) -> bool:
+        return self.persisted
+
+
 class UsageWriter:
     """Writes usage records; never raises to the caller of an LLM call."""
 
@@ -123,20 +133,29 @@ class UsageWriter:
         self.spool = spool
         self._replay_lock = threading.Lock()
 
-    def write(self, record: UsageRecord) -> bool:
-        """Persist ``record``; True if committed to the database, False if spooled."""
-        try:
-            with self.engine.begin() as conn:
-                insert_usage(conn, record)
-            return True
-        except (OperationalError, DBAPIError) as exc:
-            logger.warning(
-                "Database unavailable, spooling usage row %s: %s", record.request_id, exc
-            )
+    def write(
+        self, record: UsageRecord, also: Callable[[Connection], None] | None = None
+    ) -> WriteOutcome:
+        """Persist ``record``, or spool it when the database cannot take it.
+
+        ``also`` joins the row's transaction (one commit for both: the budget settles there).
+        If anything in it fails, the row is written again on its own: ``also`` never costs a row.
+        """
+        for extra in (also, None) if also is not None else (None,):
+            try:
+                with self.engine.begin() as conn:
+                    insert_usage(conn, record)
+                    if extra is not None:
+                        extra(conn)
+                return WriteOutcome(persisted=True, also_committed=extra is not None)
+            except (OperationalError, DBAPIError) as exc:
+                logger.warning("Could not write usage row %s: %s", record.request_id, exc)
+            except Exception:
+                logger.exception("Work joined to usage row %s failed", record.request_id)
         self.spool.append(record)
         USAGE_SPOOLED.inc()
         USAGE_SPOOL_PENDING.inc()
-        return False
+        return WriteOutcome(persisted=False, also_committed=False)
 
     def insert_batch(self, records: Iterable[UsageRecord]) -> None:
         with self.engine.begin() as conn:

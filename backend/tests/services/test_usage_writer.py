@@ -86,3 +86,32 @@ def test_a_torn_spool_line_is_skipped_not_fatal(engine: Engine, tmp_path: Path) 
 def test_latency_buckets_are_upper_bound_inclusive() -> None:
     assert latency_bucket(0) == 0 and latency_bucket(5) == 0 and latency_bucket(5.01) == 1
     assert latency_bucket(10**9) == 14
+
+
+class _FailingSettle:
+    """A budget guard whose settle breaks inside the usage transaction, then works alone."""
+
+    def __init__(self) -> None:
+        self.alone: list[str] = []
+
+    def reserve(self, **_: Any) -> str:
+        return "reservation"
+
+    def settle(self, reservation: str, record: UsageRecord, conn: Any = None) -> None:
+        if conn is not None:
+            raise RuntimeError("settle failed inside the row's transaction")
+        self.alone.append(record.request_id)
+
+
+def test_a_failing_settle_never_costs_the_usage_row(
+    runtime_factory: Any, sim: SimulatorServer, engine: Engine
+) -> None:
+    guard = _FailingSettle()
+    runtime = runtime_factory()
+
+    LLMClient(runtime=runtime, budget=guard).chat_completion(
+        messages=[{"role": "user", "content": "hi"}], model="gpt-4o-mini"
+    )
+
+    assert counts(engine) == (1, 1)
+    assert len(guard.alone) == 1  # settled on its own after the joined attempt failed
