@@ -1,0 +1,154 @@
+"""Fixtures of the reliability suite: a simulator process, fresh databases, service processes.
+
+``rel_support`` is imported by path: pytest runs with ``--import-mode=importlib``, which does not
+put test directories on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from rel_support import (  # noqa: E402
+    DatabaseOutage,
+    Ledger,
+    PostgresOutage,
+    ServiceProcess,
+    SimulatorProcess,
+    SqliteOutage,
+    service_env,
+)
+
+POSTGRES_URL = os.environ.get(
+    "ASA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("ASA_REQUIRE_POSTGRES") == "1"
+RESULTS_DIR = os.environ.get("ASA_RELIABILITY_RESULTS")
+
+
+def _postgres_reachable() -> bool:
+    try:
+        probe = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with probe.connect():
+            pass
+        probe.dispose()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def rel_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """One simulator process for the suite: 10 ms per answer, 1 s Retry-After on a 429."""
+    sim = SimulatorProcess(
+        tmp_path_factory.mktemp("simulator"),
+        {"latency_ms": 10, "retry_after_seconds": 1, "timeout_fault_seconds": 30},
+    )
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def sim(rel_simulator: SimulatorProcess) -> SimulatorProcess:
+    """The suite's simulator with its counters, scripts and faults reset."""
+    rel_simulator.reset()
+    return rel_simulator
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database (the service migrates it when it starts)."""
+    if not _postgres_reachable():
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL required but unreachable at {POSTGRES_URL}")
+        pytest.skip("PostgreSQL not reachable")
+    name = f"asa_rel_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_file_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'asa.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest) -> str:
+    """A new database of each backend."""
+    fixture = "sqlite_file_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    reader = Ledger(ledger_url)
+    yield reader
+    reader.close()
+
+
+@pytest.fixture
+def outage(ledger_url: str) -> Iterator[DatabaseOutage]:
+    """Turns the database off and on: PostgreSQL behind a paused proxy, SQLite locked."""
+    maker = SqliteOutage if ledger_url.startswith("sqlite") else PostgresOutage
+    made = maker(ledger_url)
+    yield made
+    made.close()
+
+
+ServiceFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def start_service(tmp_path: Path, sim: SimulatorProcess) -> Iterator[ServiceFactory]:
+    """Start the service (``rel_service.py``) on a database; every start shares one call log.
+
+    ``start_service(url, name="first", **settings)``: settings are environment variables of the
+    service, given as lower-case Settings field names.
+    """
+    started: list[ServiceProcess] = []
+    call_log = tmp_path / "calls.jsonl"
+
+    def start(database_url: str, name: str = "service", **settings: Any) -> ServiceProcess:
+        env = service_env(tmp_path, database_url, sim, **settings)
+        service = ServiceProcess(tmp_path, env, call_log, name)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A scenario's figures: printed, and written to $ASA_RELIABILITY_RESULTS/<test>.json."""
+    values: dict[str, Any] = {}
+    yield values
+    if not values:
+        return
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    print(f"\n{name}: {json.dumps(values, sort_keys=True)}")
+    if RESULTS_DIR:
+        out = Path(RESULTS_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
