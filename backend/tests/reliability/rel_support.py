@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,13 @@ import rel_service
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine, make_url
 
+from app.core.config import Settings
 from app.core.db import create_db_engine
 from app.models import LLMUsage, UsageRollupDaily
 from app.models_budget import BudgetCounter, BudgetReservation
 from app.models_usage import UsageRollupDailyOverall
+from app.services.budgets import DatabaseBudgetGuard
+from app.services.pricing import PriceBook
 
 HERE = Path(__file__).resolve().parent
 BACKEND_DIR = HERE.parents[1]
@@ -544,6 +548,13 @@ class Ledger:
     def reserved_pico(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.scalar(select(func.sum(BudgetCounter.reserved_pico_usd))) or 0)
+
+    def sweep_expired_reservations(self) -> int:
+        """Run the budget guard's sweep as it would run once the reservation TTL has passed."""
+        settings = Settings(_env_file=None, database_url=self.url)  # type: ignore[call-arg]
+        guard = DatabaseBudgetGuard(self.engine, settings, PriceBook({}))
+        later = datetime.now(UTC) + timedelta(seconds=settings.budget_reservation_ttl_seconds + 1)
+        return guard.sweep_expired(now=later)
 
     def counter(self, scope: str, subject: str = "") -> tuple[int, int]:
         """(spent, reserved) picodollars of a scope summed over its windows."""

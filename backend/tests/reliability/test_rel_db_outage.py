@@ -70,8 +70,13 @@ def test_calls_keep_working_while_the_database_is_away_and_rows_land_after(
     entries = read_call_log(service.call_log)
     stats = sim.stats()
     count = ledger.count(entries, stats)
+    budget_spent, _reserved = ledger.counter("global_daily")
     figures.update(
         count.figures(),
+        # what the outage leaves the budgets (README: unmetered calls, reservations until TTL)
+        ledger_cost_pico_usd=sum(row.cost_pico_usd for row in ledger.rows()),
+        budget_spent_pico_usd=budget_spent,
+        open_reservations=ledger.open_reservations(),
         outage_seconds=OUTAGE_SECONDS,
         calls_during_outage=during,
         spooled_at_recovery=spooled,
