@@ -65,64 +65,82 @@ def interpolated_quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * fraction
 
 
-def _figures(conn: Connection, window: UsageWindow) -> dict[str, tuple[Any, ...]]:
-    """Per metric name in the window: (rows, rows valued 1, avg, max, sum in picodollars);
-    one index range scan per name, one round trip."""
+def _outcome_counts(conn: Connection, window: UsageWindow) -> dict[str, tuple[int, int]]:
+    """Per outcome metric name: (rows, rows valued 1)."""
     t = TaskMetrics
-    names = [SUCCEEDED, DURATION_SECONDS, COST_USD, *(STATUS_PREFIX + s for s in TASK_STATUSES)]
-    pico_sum: Any
-    if conn.dialect.name == "postgresql":
-        pico_sum = func.sum(t.metric_value) * PICO_PER_USD  # NUMERIC: exact as it is
-    else:  # SQLite keeps NUMERIC as a double: round each value to the picodollar, sum integers
-        pico_sum = func.sum(cast(func.round(t.metric_value * PICO_PER_USD), BigInteger))
+    names = [SUCCEEDED, *(STATUS_PREFIX + s for s in TASK_STATUSES)]
     stmt = (
-        select(
-            t.metric_name,
-            func.count(),
-            func.sum(case((t.metric_value == 1, 1), else_=0)),
-            func.avg(t.metric_value),
-            func.max(t.metric_value),
-            pico_sum,
-        )
+        select(t.metric_name, func.count(), func.sum(case((t.metric_value == 1, 1), else_=0)))
         .where(_in_window(names, window))
         .group_by(t.metric_name)
     )
-    return {str(name): tuple(rest) for name, *rest in conn.execute(stmt).all()}
+    return {str(name): (int(n), int(ones or 0)) for name, n, ones in conn.execute(stmt).all()}
 
 
-def _duration_quantiles(conn: Connection, window: UsageWindow) -> list[float]:
+def _durations(conn: Connection, window: UsageWindow) -> DurationStats:
     t = TaskMetrics
     value = cast(t.metric_value, Float)
     where = _in_window([DURATION_SECONDS], window)
+    quantiles: list[float | None]
     if conn.dialect.name == "postgresql":
         percentiles = func.percentile_cont(postgresql.array(QUANTILES)).within_group(value)
-        stmt = select(type_coerce(percentiles, postgresql.ARRAY(Float))).where(where)
-        return [float(v) for v in conn.execute(stmt).scalar_one()]
-    values = [float(v) for v in conn.scalars(select(value).where(where).order_by(value))]
-    return [interpolated_quantile(values, q) for q in QUANTILES]
+        stmt = select(
+            func.count(),
+            func.avg(t.metric_value),  # NUMERIC aggregates: no per-row cast
+            func.max(t.metric_value),
+            type_coerce(percentiles, postgresql.ARRAY(Float)),
+        ).where(where)
+        count, avg, maximum, found = conn.execute(stmt).one()
+        quantiles = [float(v) for v in found] if count else [None] * len(QUANTILES)
+    else:
+        values = [float(v) for v in conn.scalars(select(value).where(where).order_by(value))]
+        count = len(values)
+        avg = sum(values) / count if count else None
+        maximum = values[-1] if count else None
+        quantiles = [interpolated_quantile(values, q) if count else None for q in QUANTILES]
+    p50, p90, p95, p99 = quantiles
+    return DurationStats(
+        count=int(count),
+        avg=float(avg) if avg is not None else None,
+        p50=p50,
+        p90=p90,
+        p95=p95,
+        p99=p99,
+        max=float(maximum) if maximum is not None else None,
+    )
+
+
+def _costs(conn: Connection, window: UsageWindow) -> TaskCostStats:
+    t = TaskMetrics
+    total: Any
+    if conn.dialect.name == "postgresql":
+        total = func.sum(t.metric_value) * PICO_PER_USD  # NUMERIC: exact as it is
+    else:  # SQLite keeps NUMERIC as a double: round each value to the picodollar, sum integers
+        total = func.sum(cast(func.round(t.metric_value * PICO_PER_USD), BigInteger))
+    count, total_pico = conn.execute(
+        select(func.count(), total).where(_in_window([COST_USD], window))
+    ).one()
+    pico = int(Decimal(total_pico).to_integral_value(ROUND_HALF_EVEN)) if total_pico else 0
+    average = None
+    if count:
+        average_pico = (Decimal(pico) / count).to_integral_value(rounding=ROUND_HALF_EVEN)
+        average = pico_to_usd(int(average_pico))
+    return TaskCostStats(
+        tasks_with_cost=int(count), total_usd=pico_to_usd(pico), avg_per_task_usd=average
+    )
 
 
 def task_metrics(session: Session, window: UsageWindow) -> TaskMetricsResponse:
     """Counts, success rate, duration percentiles and cost per task of tasks finished in
     ``window`` (the caller checks the principal is an admin)."""
     conn = session.connection()
-    f = _figures(conn, window)
-    none: tuple[Any, ...] = (0, 0, None, None, None)
-    tasks, succeeded = int(f.get(SUCCEEDED, none)[0]), int(f.get(SUCCEEDED, none)[1])
+    outcomes = _outcome_counts(conn, window)
+    tasks, succeeded = outcomes.get(SUCCEEDED, (0, 0))
     by_status = {
-        status: int(f[STATUS_PREFIX + status][1])
+        status: ones
         for status in TASK_STATUSES
-        if STATUS_PREFIX + status in f and f[STATUS_PREFIX + status][1]
+        if (ones := outcomes.get(STATUS_PREFIX + status, (0, 0))[1])
     }
-    durations, duration_avg, duration_max = (f.get(DURATION_SECONDS, none)[i] for i in (0, 2, 3))
-    p50, p90, p95, p99 = _duration_quantiles(conn, window) if durations else [None] * len(QUANTILES)
-    costs = int(f.get(COST_USD, none)[0])
-    total = f.get(COST_USD, none)[4]
-    total_pico = int(Decimal(total).to_integral_value(ROUND_HALF_EVEN)) if total else 0
-    average = None
-    if costs:
-        average_pico = (Decimal(total_pico) / costs).to_integral_value(rounding=ROUND_HALF_EVEN)
-        average = pico_to_usd(int(average_pico))
     return TaskMetricsResponse(
         window=window,
         tasks=tasks,
@@ -130,16 +148,6 @@ def task_metrics(session: Session, window: UsageWindow) -> TaskMetricsResponse:
         failed=tasks - succeeded,
         success_rate=succeeded / tasks if tasks else None,
         by_status=by_status,
-        duration_seconds=DurationStats(
-            count=int(durations),
-            avg=float(duration_avg) if duration_avg is not None else None,
-            p50=p50,
-            p90=p90,
-            p95=p95,
-            p99=p99,
-            max=float(duration_max) if duration_max is not None else None,
-        ),
-        cost=TaskCostStats(
-            tasks_with_cost=costs, total_usd=pico_to_usd(total_pico), avg_per_task_usd=average
-        ),
+        duration_seconds=_durations(conn, window),
+        cost=_costs(conn, window),
     )
