@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20, help="concurrent rounds of each kind")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    parser.add_argument(
+        "--no-budgets", action="store_true", help="BUDGET_ENFORCEMENT=false: no reserve/settle"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
@@ -135,6 +138,7 @@ def main() -> None:
             openai_base_url=base_url,
             spool_dir=Path(tmp) / "spool",
             openai_max_retries=2,  # the SDK default; both clients alike
+            budget_enforcement=not args.no_budgets,
         )
         runtime = Runtime.build(settings, start_background=False)
         limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
@@ -157,6 +161,7 @@ def main() -> None:
                 "platform": platform.platform(),
             },
             "database": url.split("://")[0],
+            "budgets": not args.no_budgets,
             "sequential": sequential(runtime, raw, args.calls),
             f"concurrent_{args.concurrency}": asyncio.run(
                 concurrent(runtime, raw_async, args.concurrency, args.rounds)

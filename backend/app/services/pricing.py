@@ -84,12 +84,26 @@ class PriceBook:
         }
         self._provider_id = provider_id
         self._warned: set[str] = set()
+        self._unit_prices: dict[str, ModelPrice | None] = {}
         self._lock = threading.Lock()
 
     def unit_price(self, model: str) -> ModelPrice | None:
-        """Per-MTok rates for ``model`` (for budget reservations); None when unknown."""
+        """Per-MTok rates for ``model`` (for budget reservations); None when unknown.
+
+        Cached per model: the bundled snapshot does not change while the process runs.
+        """
         if model in self._overrides:
             return self._overrides[model]
+        try:
+            return self._unit_prices[model]
+        except KeyError:
+            price = self._lookup_unit_price(model)
+        with self._lock:
+            if len(self._unit_prices) < 1000:  # model names come from callers: stay bounded
+                self._unit_prices[model] = price
+        return price
+
+    def _lookup_unit_price(self, model: str) -> ModelPrice | None:
         try:
             calc = calc_price(
                 Usage(input_tokens=1_000_000, output_tokens=1_000_000),
