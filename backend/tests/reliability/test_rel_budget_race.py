@@ -1,22 +1,25 @@
 """Scenario 6: a budget race across several worker processes on PostgreSQL.
 
 Four processes, each with its own ``Runtime`` (engine, budget guard, usage writer), wait at a
-barrier and then start all their calls at once through ``AsyncLLMClient``: 1,000 concurrent calls
-against a global daily cap that pays for about 150 of them at their worst case. A third of the
-calls are billed their worst case, a third half of it, a third fail with a 500 (cost 0): the
-reservations taken before the calls are settled to three different real costs while the other
-processes keep reserving.
+barrier and then start all their calls at once through ``AsyncLLMClient``, every call for a
+different user and task, so that the one row they all contend for is the global daily counter:
+its cap pays for ``CAP_CALLS`` calls at their worst case. Two calls in three are billed exactly
+their worst case, one in three fails with a 500 (its reservation is released, cost 0), and every
+answer takes 200 ms, so that the admitted calls hold their reservations while the rest race.
 
-Counted: spend never passes the cap; nothing is left reserved and no reservation is open; the
-counter's spend equals the ledger's cost; every call has exactly one row whose status is what its
-caller saw; the simulator received exactly the calls that were admitted.
+Counted: the committed ``spent + reserved`` of the global counter, sampled every few
+milliseconds during the race, never passes the cap (a guard that checks and then reserves in two
+steps fails here), nor does the final spend; nothing is left reserved and no reservation is
+open; the counter's spend equals the ledger's cost; every call has exactly one row whose status
+is what its caller saw; the simulator received exactly the calls that were admitted.
 
-CI: 4 processes x 60 calls against a cap of 40. Full (``ASA_RELIABILITY_FULL=1``): 4 processes x 250
-calls (1,000) against a cap of 150.
+CI: 4 processes x 60 calls against a cap of 40. Full (``ASA_RELIABILITY_FULL=1``): 4 processes x
+250 calls (1,000 at once) against a cap of 150.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from decimal import Decimal
@@ -25,8 +28,10 @@ from typing import Any
 
 import rel_race
 from rel_support import Ledger, SimulatorProcess, forkserver, service_env, size
+from sqlalchemy import create_engine, func, select
 
 from app.core.money import usd_to_pico
+from app.models_budget import BudgetCounter
 from app.services.budgets import worst_case_tokens
 
 PROCESSES = 4
@@ -36,7 +41,7 @@ DB_THREADS = 8  # per process
 MODEL = "race-model"
 PRICES = '{"race-model": {"input_mtok": "1", "output_mtok": "2"}}'
 MAX_TOKENS = 50
-KINDS = ("full", "half", "e500")
+KINDS = ("full", "full", "e500")
 
 
 def _worst_case() -> tuple[int, int]:
@@ -45,6 +50,35 @@ def _worst_case() -> tuple[int, int]:
     tokens = worst_case_tokens({"messages": messages, "max_tokens": MAX_TOKENS}, 4096)
     cost = usd_to_pico(Decimal(tokens.prompt_tokens + 2 * MAX_TOKENS) / 1_000_000)
     return tokens.prompt_tokens, cost
+
+
+class CommittedSpendSampler:
+    """Reads the global counter's spent + reserved every few milliseconds; keeps the peak."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = create_engine(url, pool_size=1, max_overflow=0)
+        self._stop = threading.Event()
+        self.peak = 0
+        self.samples = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        committed = BudgetCounter.spent_pico_usd + BudgetCounter.reserved_pico_usd
+        query = select(func.coalesce(func.sum(committed), 0)).where(
+            BudgetCounter.scope == "global_daily"
+        )
+        with self._engine.connect() as conn:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, int(conn.execute(query).scalar_one()))
+                conn.rollback()
+                self.samples += 1
+                self._stop.wait(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._engine.dispose()
 
 
 def test_concurrent_calls_from_several_processes_never_spend_past_the_cap(
@@ -59,11 +93,11 @@ def test_concurrent_calls_from_several_processes_never_spend_past_the_cap(
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion},
         }
 
+    # 200 ms per answer: every admitted call holds its reservation while the others race
     sim.scripts(
         [
-            {"match_user": "[full]", "reply": usage(MAX_TOKENS)},
-            {"match_user": "[half]", "reply": usage(MAX_TOKENS // 2)},
-            {"match_user": "[e500]", "reply": {"fault": "500"}},
+            {"match_user": "[full]", "reply": {**usage(MAX_TOKENS), "latency_ms": 200}},
+            {"match_user": "[e500]", "reply": {"fault": "500", "latency_ms": 200}},
         ]
     )
     env = service_env(
@@ -76,7 +110,7 @@ def test_concurrent_calls_from_several_processes_never_spend_past_the_cap(
     )
     calls = [
         [
-            {"key": f"r{p}{i:04d}-0", "kind": KINDS[i % 3], "user": f"user-{i % 5}"}
+            {"key": f"r{p}{i:04d}-0", "kind": KINDS[i % 3], "user": f"u{p}{i:04d}"}
             for i in range(CALLS_PER_PROCESS)
         ]
         for p in range(PROCESSES)
@@ -101,10 +135,14 @@ def test_concurrent_calls_from_several_processes_never_spend_past_the_cap(
         pipes.append(parent)
         workers.append(worker)
     started = time.monotonic()
+    sampler = CommittedSpendSampler(pg_url)
     outcomes: list[str] = []
-    for parent in pipes:
-        assert parent.poll(300), "a race worker did not answer"
-        outcomes.extend(parent.recv())
+    try:
+        for parent in pipes:
+            assert parent.poll(300), "a race worker did not answer"
+            outcomes.extend(parent.recv())
+    finally:
+        sampler.stop()
     seconds = time.monotonic() - started
     for worker in workers:
         worker.join(60)
@@ -129,6 +167,8 @@ def test_concurrent_calls_from_several_processes_never_spend_past_the_cap(
         cap_usd=str(Decimal(cap_pico) / 10**12),
         spent_usd=str(Decimal(spent) / 10**12),
         spent_share_of_cap=round(spent / cap_pico, 4),
+        peak_committed_share_of_cap=round(sampler.peak / cap_pico, 4),
+        samples=sampler.samples,
         seconds=round(seconds, 2),
         sim_requests=stats["requests"],
     )
@@ -136,6 +176,8 @@ def test_concurrent_calls_from_several_processes_never_spend_past_the_cap(
     assert len(outcomes) == PROCESSES * CALLS_PER_PROCESS
     assert seen["blocked"] > 0 and seen["ok"] > 0, "the cap was never reached, or never admitted"
     assert spent <= cap_pico
+    assert sampler.peak <= cap_pico, "spent + reserved passed the cap during the race"
+    assert seen["ok"] <= CAP_CALLS  # each is billed its worst case: the cap pays for CAP_CALLS
     assert (reserved, reserved_total, open_reservations) == (0, 0, 0)
     assert spent == sum(r.cost_pico_usd for r in rows)
     assert len(rows) == len(outcomes) and set(by_key.values()) == {1}
