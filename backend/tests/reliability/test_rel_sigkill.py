@@ -73,7 +73,13 @@ def test_sigkill_mid_stream_every_returned_call_has_its_row_after_restart(
     stats = sim.stats()
     count = ledger.count(entries, stats)
     in_flight_at_kills = sum(LANES.values()) * len(CYCLES)
-    figures.update(count.figures(), kills=len(CYCLES), spooled_at_kills=spooled_at_kills)
+    figures.update(
+        count.figures(),
+        kills=len(CYCLES),
+        spooled_at_kills=spooled_at_kills,
+        # held by the calls in flight at a kill, until BUDGET_RESERVATION_TTL_SECONDS
+        open_reservations_after_restart=ledger.open_reservations(),
+    )
 
     assert any(spooled_at_kills), "no kill left rows in the spool: the replay was not tested"
     assert replayed, "the spool was not replayed after the restart"
