@@ -1,7 +1,8 @@
 """Usage reports: what a task, a user or everyone spent, with breakdowns by model, day and agent.
 
-Figures come from the daily rollup (``usage_queries.rollup_usage_groups``), so a report costs a
-few index range scans however many calls there were. Rules a caller may rely on:
+Figures come from the daily rollups (``usage_queries.rollup_usage_groups``: per task for the
+task and user views, summed over everyone for the overall view), so a report costs an index
+range scan however many calls there were. Rules a caller may rely on:
 
 - Windows are whole UTC calendar days: ``days=N`` is ``[00:00 UTC of today-(N-1), 00:00 UTC of
   tomorrow)``, reported as ``window.since``/``window.until``. Daily rollups make this exact;
