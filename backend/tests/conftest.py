@@ -99,9 +99,7 @@ def sim(simulator: SimulatorServer) -> SimulatorServer:
     return simulator
 
 
-def make_settings(
-    db_url: str, sim_base_url: str, tmp_path: Path, **overrides: object
-) -> Settings:
+def make_settings(db_url: str, sim_base_url: str, tmp_path: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "database_url": db_url,
         "openai_base_url": sim_base_url,

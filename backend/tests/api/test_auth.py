@@ -387,3 +387,21 @@ async def test_admin_api_validates_new_keys(start_service: StartService) -> None
         response = await admin.post("/api/v1/admin/keys", json=body)
         assert response.status_code == 422, (body, response.text)
         assert response.json()["error"] == "invalid_input"
+
+
+async def test_only_admins_may_submit_a_local_repository_path(
+    start_service: StartService, tmp_path: Any
+) -> None:
+    import subprocess
+
+    repo = tmp_path / "local-repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    service, keys = await keyed_service(start_service)
+    body = {"repo_url": str(repo), "bug_description": "bug", "test_command": "pytest"}
+
+    as_user = await service.client(keys["alice"]).post("/api/v1/task/submit", json=body)
+    as_admin = await service.client(keys["admin"]).post("/api/v1/task/submit", json=body)
+
+    assert as_user.status_code == 422 and as_user.json()["field"] == "repo_url"
+    assert as_admin.status_code == 202

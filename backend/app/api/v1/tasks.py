@@ -58,7 +58,8 @@ def submit_task(
 ) -> TaskSubmitted:
     """Queue a task. The repository URL, ref and test command are checked before queueing."""
     try:
-        validate_repo_url(body.repo_url)
+        # A local path reads the server's disk: administrators (and the open local mode) only.
+        validate_repo_url(body.repo_url, allow_local=principal.is_admin)
         if body.ref is not None:
             validate_git_ref(body.ref)
         parse_test_command(body.test_command)
