@@ -26,6 +26,7 @@ from app.core.runtime import Runtime, set_runtime
 from app.observability import setup_telemetry
 from app.schemas.errors import ERROR_RESPONSES
 from app.services.examples import materialize_examples
+from app.services.retention import RetentionScheduler
 from app.services.task_worker import TaskWorker
 
 logger = logging.getLogger("app")
@@ -59,6 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             worker = TaskWorker(runtime)
             runtime.extras["task_worker"] = worker
             worker.start()
+        retention: RetentionScheduler | None = None
+        if cfg.usage_retention_days is not None:
+            retention = RetentionScheduler(
+                runtime.engine, cfg.usage_retention_days, cfg.usage_retention_batch_size
+            )
+            retention.start()
         logger.info(
             "ASA ready: database %s, LLM endpoint %s",
             runtime.engine.url.render_as_string(hide_password=True),
@@ -69,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 worker.stop()
+            if retention is not None:
+                retention.stop()
             set_runtime(None)
             await runtime.async_openai_client.close()
             runtime.close()

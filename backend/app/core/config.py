@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         description="How long a SQLite write waits for another connection's lock before it "
         "fails; a usage row then goes to the spool rather than hold up its call.",
     )
+    usage_retention_days: int | None = Field(
+        default=None, ge=1, description="Prune raw llm_usage rows older than this, daily."
+    )
+    usage_retention_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
     auto_migrate: bool = Field(
         default=True, description="Run the Alembic migrations to head when the service starts."
     )

@@ -5,8 +5,9 @@ complete; only the per-call detail (export, error messages, trace ids) goes. The
 aligned to UTC days like the reports' windows: ``older_than_days=N`` keeps the N whole UTC
 days ending today and deletes everything before 00:00 UTC of today-(N-1).
 
-Each batch is its own short transaction (locks are held briefly; an interrupted run resumes
-where it stopped). Run it from cron or a scheduler::
+With ``USAGE_RETENTION_DAYS`` set, the service prunes at start-up and daily by itself
+(``RetentionScheduler``). Each batch is its own short transaction (locks are held briefly; an
+interrupted run resumes where it stopped). It can also run from cron or a scheduler::
 
     cd backend && .venv/bin/python -m app.services.retention --days 90 [--batch-size 10000]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
@@ -67,6 +69,36 @@ def prune_raw_usage(
             break
     logger.info("Pruned %d raw usage rows older than %s", deleted, cutoff.isoformat())
     return PruneResult(cutoff=cutoff, deleted=deleted, batches=batches)
+
+
+class RetentionScheduler:
+    """Prunes raw rows at start-up and then every ``interval`` seconds, in a daemon thread."""
+
+    def __init__(
+        self, engine: Engine, older_than_days: int, batch_size: int, interval: float = 86_400.0
+    ) -> None:
+        self._engine = engine
+        self._days = older_than_days
+        self._batch_size = batch_size
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-retention", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                prune_raw_usage(self._engine, self._days, self._batch_size)
+            except Exception:
+                logger.exception("Pruning raw usage rows failed; will retry")
+            if self._stop.wait(self._interval):
+                return
 
 
 def main(argv: list[str] | None = None) -> int:

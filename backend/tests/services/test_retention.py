@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.api.auth import Principal
 from app.models import LLMUsage, UsageRollupDaily
-from app.services.retention import main, prune_raw_usage, retention_cutoff
+from app.services.retention import RetentionScheduler, main, prune_raw_usage, retention_cutoff
 from app.services.usage_record import UsageRecord
 from app.services.usage_report import task_usage
 from app.services.usage_writer import insert_usage
@@ -113,3 +113,19 @@ def test_cli_prunes_the_given_database(
     assert status == 0
     assert "deleted 1 rows" in capsys.readouterr().out
     assert remaining(engine) == set(kept)
+
+
+def test_the_service_prunes_by_itself_when_retention_is_configured(engine: Engine) -> None:
+    old = datetime.now(UTC) - timedelta(days=40)
+    with engine.begin() as conn:
+        insert_usage(
+            conn, UsageRecord(request_id="old", model="m", status="success", timestamp=old)
+        )
+        insert_usage(conn, UsageRecord(request_id="new", model="m", status="success"))
+
+    scheduler = RetentionScheduler(engine, older_than_days=30, batch_size=100, interval=3600)
+    scheduler.start()
+    scheduler.stop()  # the first prune runs at start; stop waits for it
+
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(LLMUsage)) == 1
