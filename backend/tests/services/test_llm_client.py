@@ -379,3 +379,18 @@ def counter_value(name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def test_a_malformed_stream_chunk_is_an_error_row_and_reraised(
+    runtime: Runtime, sim: SimulatorServer
+) -> None:
+    script(sim, match_user="garbled", reply={"content": "word " * 20, "fault": "malformed"})
+    stream = LLMClient(runtime=runtime).chat_completion(
+        messages=[{"role": "user", "content": "garbled stream"}], model="gpt-4o-mini", stream=True
+    )
+
+    with pytest.raises(ValueError):  # the SDK's own json.JSONDecodeError, unchanged
+        list(stream)
+
+    row = only_row(runtime)
+    assert (row.status, row.error_type, row.is_stream) == ("error", "JSONDecodeError", True)
