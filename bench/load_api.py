@@ -104,7 +104,11 @@ async def run_load(
 ) -> dict[str, Any]:
     """Drive the service at ``url`` for ``seconds``; the figures, as ``main`` prints them."""
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout would close them
+    # under a request in flight (a ReadError that is the client's race, not the service's).
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         ids = list(task_ids or []) or await discover_task_ids(client)
         operations = {

@@ -1,4 +1,37 @@
-"""Fixtures of the reliability suite: a simulator process, fresh databases, service processes.
+"""The reliability suite: the service killed, starved and flooded, and its books counted.
+
+Each scenario (``test_rel_*.py``, one per file, its design in the module docstring) drives the
+real service and ends by counting: calls seen by the simulator (``GET /sim/stats``: requests,
+succeeded, response ids) and calls that returned to their callers (a call log written by the
+serving process) against the rows in the database.
+
+1. ``test_rel_sigterm``: SIGTERM mid-stream, restart: 0 lost, 0 duplicated.
+2. ``test_rel_sigkill``: SIGKILL mid-stream (rows in the spool), restart: every returned call
+   has its row.
+3. ``test_rel_db_outage``: PostgreSQL unreachable / SQLite locked mid-stream: calls go on, rows
+   land within seconds of recovery.
+4. ``test_rel_telemetry``: OTLP collector down, /metrics scraped every 100 ms: calls and
+   memory unaffected.
+5. ``test_rel_provider_faults``: 429, 500, timeouts, truncated bodies and streams: attempts as
+   documented, budgets released, tasks in a clear final state.
+6. ``test_rel_budget_race``: concurrent calls from four processes against a cap on PostgreSQL.
+7. ``test_rel_load``: usage reports and task submissions under load (``bench/load_api.py``).
+
+How the calls are made: ``rel_service.py`` serves the real app with uvicorn and runs a stream of
+tracked calls *inside* that process (see its docstring for why a stream rather than tasks), so a
+signal to the process hits the one that tracks the calls. The simulator is its own process
+(``rel_simulator.py``), so its counters survive the service. Every process is a child of the
+test on loopback; every wait is bounded.
+
+Sizes: ``make test`` runs the CI size (about three minutes on two cores for the whole
+directory). The full size, whose figures are in ``docs/BENCHMARKS.md``::
+
+    cd backend && ASA_RELIABILITY_FULL=1 ASA_RELIABILITY_RESULTS=/tmp/reliability \
+        .venv/bin/python -m pytest -q tests/reliability -s
+
+(``ASA_RELIABILITY_RESULTS``, optional, is where each scenario writes its figures as JSON.)
+PostgreSQL scenarios run when ``ASA_TEST_POSTGRES_URL`` (default ``127.0.0.1:5432/test``) is
+reachable; each creates and drops its own database there and never stops the server.
 
 ``rel_support`` is imported by path: pytest runs with ``--import-mode=importlib``, which does not
 put test directories on ``sys.path``.
@@ -64,7 +97,8 @@ def rel_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulato
 
 @pytest.fixture
 def sim(rel_simulator: SimulatorProcess) -> SimulatorProcess:
-    """The suite's simulator with its counters, scripts and faults reset."""
+    """The suite's simulator process (here ``sim`` is a process, not the in-process server of
+    ``tests/conftest.py``), with its counters, scripts and faults reset."""
     rel_simulator.reset()
     return rel_simulator
 

@@ -3,10 +3,14 @@
     serve(env, cwd, log_path, call_log, conn)   (started by ``rel_support.ServiceProcess``)
 
 It serves ``create_app()`` with uvicorn on a loopback port, as ``make run`` does, and runs
-a *call stream* inside that same process: lanes (threads) that make tracked LLM calls through
-``LLMClient`` / ``AsyncLLMClient`` on the service's own ``Runtime`` one after the other. So a
-SIGTERM or SIGKILL sent to this process hits the process that tracks the calls, its usage writer,
-its spool and its budget reservations; the HTTP API stays available to the test on the same port.
+a *call stream* inside that same process: lanes (threads) that make tracked LLM calls on the
+service's own ``Runtime`` one after the other - ``sync`` lanes through ``LLMClient``, ``stream``
+lanes with ``stream=True`` read to the end, ``async`` lanes through ``AsyncLLMClient`` on the
+server's event loop. So a SIGTERM or SIGKILL sent to this process hits the process that tracks
+the calls, its usage writer, its spool and its budget reservations; the HTTP API stays
+available to the test on the same port. The process is forked from a forkserver that has
+imported the app once (``rel_support.forkserver``), so a restart costs a second, not the
+several seconds of importing the openai SDK.
 
 Why a stream and not tasks: the service makes LLM calls from its task worker, but a task spends
 most of its time cloning and running tests, so tasks give a few calls a second. The stream is
