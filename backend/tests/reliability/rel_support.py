@@ -46,6 +46,9 @@ COMMAND_SECONDS = 120.0
 STOP_SECONDS = 60.0
 
 FULL = os.environ.get("ASA_RELIABILITY_FULL") == "1"
+# SQLITE_BUSY_TIMEOUT_SECONDS of the services that meet a locked SQLite file: while it is locked,
+# a call waits this long several times (reservation, write, settlement) before its row is spooled.
+SQLITE_BUSY_TIMEOUT_SECONDS = 0.25
 
 
 def size(ci: int | float, full: int | float) -> Any:

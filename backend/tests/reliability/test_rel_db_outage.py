@@ -4,8 +4,8 @@ PostgreSQL is made unreachable as if it were stopped: the service's ``DATABASE_U
 a loopback TCP proxy (``rel_support.TcpProxy``) that stops listening and resets every open
 connection, then listens again. SQLite is made unwritable as a backup or a long transaction does
 it: another process holds ``BEGIN EXCLUSIVE`` on the file; the service runs with
-``SQLITE_BUSY_TIMEOUT_SECONDS=1`` so a write gives up after a second and spools its row (with
-the default 30 s each call would wait 30 s for the lock before doing the same).
+``SQLITE_BUSY_TIMEOUT_SECONDS=0.25`` so a write gives up after a quarter of a second and spools
+its row (with the default 30 s each call would wait 30 s, several times, before doing the same).
 
 Counted: the calls keep returning (all successfully) while the database is away, their rows go
 to the spool, and once it is back every returned call has its row within seconds (the spool is
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rel_support import (
+    SQLITE_BUSY_TIMEOUT_SECONDS,
     DatabaseOutage,
     Ledger,
     SimulatorProcess,
@@ -45,7 +46,7 @@ def test_calls_keep_working_while_the_database_is_away_and_rows_land_after(
 ) -> None:
     service = start_service(
         outage.service_url,
-        sqlite_busy_timeout_seconds=1,
+        sqlite_busy_timeout_seconds=SQLITE_BUSY_TIMEOUT_SECONDS,
         spool_replay_interval_seconds=2,
     )
     service.stream("outage", LANES)
@@ -79,6 +80,9 @@ def test_calls_keep_working_while_the_database_is_away_and_rows_land_after(
         open_reservations=ledger.open_reservations(),
         outage_seconds=OUTAGE_SECONDS,
         calls_during_outage=during,
+        lane_seconds_per_call_during_outage=round(
+            OUTAGE_SECONDS * sum(LANES.values()) / max(during, 1), 2
+        ),
         spooled_at_recovery=spooled,
         rows_landed_seconds_after_recovery=round(landing_seconds, 2),
     )

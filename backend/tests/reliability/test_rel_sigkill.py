@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rel_support import (
+    SQLITE_BUSY_TIMEOUT_SECONDS,
     DatabaseOutage,
     Ledger,
     SimulatorProcess,
@@ -47,7 +48,7 @@ def test_sigkill_mid_stream_every_returned_call_has_its_row_after_restart(
     tmp_path: Path,
     figures: dict[str, Any],
 ) -> None:
-    settings = {"sqlite_busy_timeout_seconds": 1}
+    settings = {"sqlite_busy_timeout_seconds": SQLITE_BUSY_TIMEOUT_SECONDS}
     spooled_at_kills = []
     for n, (seconds, database_away) in enumerate(CYCLES):
         service = start_service(outage.service_url, f"killed-{n}", **settings)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rel_support import (
+    SQLITE_BUSY_TIMEOUT_SECONDS,
     DatabaseOutage,
     Ledger,
     SimulatorProcess,
@@ -42,7 +43,10 @@ LANES = {"sync": 2, "stream": 1, "async": 1}
 CYCLES = size(1, 3)
 STREAM_SECONDS = size(1.0, 20.0)
 CALLS_AFTER_RESTART = size(10, 100)  # per lane
-SETTINGS = {"sqlite_busy_timeout_seconds": 1, "spool_replay_interval_seconds": 60}
+SETTINGS = {
+    "sqlite_busy_timeout_seconds": SQLITE_BUSY_TIMEOUT_SECONDS,
+    "spool_replay_interval_seconds": 60,
+}
 
 
 def test_sigterm_mid_stream_then_restart_loses_and_duplicates_no_row(
