@@ -79,9 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if retention is not None:
                 retention.stop()
             set_runtime(None)
-            await runtime.async_openai_client.close()
-            runtime.close()
-            telemetry.shutdown()
+            try:
+                await runtime.async_openai_client.close()
+            finally:
+                runtime.close()  # the final spool replay happens here, whatever failed above
+                telemetry.shutdown()
             stop_redacting_logs()
 
     app = FastAPI(

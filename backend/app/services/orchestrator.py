@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from sqlalchemy import update
@@ -159,6 +160,15 @@ class Orchestrator:
                     status, reason = "budget_exceeded", exc.detail
                 else:
                     status, reason = "error", exc.detail
+            except openai.OpenAIError as exc:
+                # The provider failed (after the SDK's retries); an expected condition, not a bug.
+                logger.warning(
+                    "Task %s stopped on an LLM provider error: %s", task.id, type(exc).__name__
+                )
+                status, reason = (
+                    "error",
+                    f"LLM provider error ({type(exc).__name__}); see the task's usage rows",
+                )
             except Exception as exc:
                 logger.exception("Task %s failed unexpectedly", task.id)
                 status, reason = "error", f"Internal error: {type(exc).__name__}"
