@@ -27,12 +27,12 @@ simulator: $(STAMP)
 	cd backend && exec .venv/bin/uvicorn app.simulator.app:create_app --factory --host 127.0.0.1 --port 8100
 
 lint: $(STAMP)
-	cd backend && .venv/bin/ruff check app tests ../bench
-	cd backend && .venv/bin/ruff format --check app tests ../bench
+	cd backend && .venv/bin/ruff check app tests alembic ../bench
+	cd backend && .venv/bin/ruff format --check app tests alembic ../bench
 	cd backend && .venv/bin/mypy app
 
 format: $(STAMP)
-	cd backend && .venv/bin/ruff format app tests ../bench && .venv/bin/ruff check --fix app tests ../bench
+	cd backend && .venv/bin/ruff format app tests alembic ../bench && .venv/bin/ruff check --fix app tests alembic ../bench
 
 test: lint
 	cd backend && .venv/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = "0003"
 down_revision: str | None = "0020"
 branch_labels: str | Sequence[str] | None = None
@@ -52,8 +51,9 @@ def upgrade() -> None:
     )  # fmt: skip
     columns = ", ".join(SUMS)
     sums = ", ".join(f"SUM({name})" for name in SUMS)
+    # The column names are this module's constants, not input.
     op.execute(
-        f"INSERT INTO usage_rollup_daily_overall (day, model, agent, {columns}) "
+        f"INSERT INTO usage_rollup_daily_overall (day, model, agent, {columns}) "  # noqa: S608
         f"SELECT day, model, agent, {sums} FROM usage_rollup_daily GROUP BY day, model, agent"
     )
     with op.batch_alter_table("task_metrics", schema=None) as batch_op:
