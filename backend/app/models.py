@@ -97,20 +97,9 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-class UsageRollupDaily(Base):
-    """Per-day aggregates, written in the same transaction as each usage row.
+class RollupSums:
+    """The additive columns every usage rollup carries (one definition for all rollup tables)."""
 
-    Dimension columns use '' rather than NULL so the natural key is a plain unique constraint.
-    """
-
-    __tablename__ = "usage_rollup_daily"
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    day: Mapped[date] = mapped_column(Date)
-    user_id: Mapped[str] = mapped_column(String(64), default="")
-    task_id: Mapped[str] = mapped_column(String(64), default="")
-    model: Mapped[str] = mapped_column(String(200))
-    agent: Mapped[str] = mapped_column(String(64), default="")
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     successes: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -139,6 +128,22 @@ class UsageRollupDaily(Base):
     lat_b12: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_b13: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_b14: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageRollupDaily(RollupSums, Base):
+    """Per-day aggregates, written in the same transaction as each usage row.
+
+    Dimension columns use '' rather than NULL so the natural key is a plain unique constraint.
+    """
+
+    __tablename__ = "usage_rollup_daily"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date)
+    user_id: Mapped[str] = mapped_column(String(64), default="")
+    task_id: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(200))
+    agent: Mapped[str] = mapped_column(String(64), default="")
 
     __table_args__ = (
         UniqueConstraint("day", "user_id", "task_id", "model", "agent", name="uq_usage_rollup_key"),

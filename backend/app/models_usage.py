@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from datetime import date
 
-from sqlalchemy import BigInteger, Date, Float, Index, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Date, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models import Base, TaskMetrics
+from app.models import Base, RollupSums, TaskMetrics
 
 
-class UsageRollupDailyOverall(Base):
+class UsageRollupDailyOverall(RollupSums, Base):
     """The daily rollup summed over users and tasks: one row per (UTC day, model, agent).
 
     ``usage_rollup_daily`` has a row per task, so a day of a busy service holds tens of
@@ -30,34 +30,6 @@ class UsageRollupDailyOverall(Base):
     day: Mapped[date] = mapped_column(Date)
     model: Mapped[str] = mapped_column(String(200))
     agent: Mapped[str] = mapped_column(String(64), default="")
-    requests: Mapped[int] = mapped_column(BigInteger, default=0)
-    successes: Mapped[int] = mapped_column(BigInteger, default=0)
-    errors: Mapped[int] = mapped_column(BigInteger, default=0)
-    blocked: Mapped[int] = mapped_column(BigInteger, default=0)
-    unpriced_calls: Mapped[int] = mapped_column(BigInteger, default=0)
-    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
-    latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
-    # Same buckets as usage_rollup_daily (LATENCY_BUCKETS_MS); b14 is the overflow.
-    lat_b00: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b01: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b02: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b03: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b04: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b05: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b06: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b07: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b08: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b09: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b10: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b11: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b12: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b13: Mapped[int] = mapped_column(BigInteger, default=0)
-    lat_b14: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
         UniqueConstraint("day", "model", "agent", name="uq_usage_rollup_daily_overall_key"),
