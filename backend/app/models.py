@@ -163,6 +163,12 @@ class TaskMetrics(Base):
     metric_value: Mapped[Decimal] = mapped_column(Numeric(30, 12, asdecimal=True))
     timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    # A task's metric is recorded once (the first write wins), so the daily task rollup that is
+    # incremented with it never counts a task twice.
+    __table_args__ = (
+        UniqueConstraint("task_id", "metric_name", name="uq_task_metrics_task_id_metric_name"),
+    )
+
 
 TASK_STATUSES = (
     "queued",

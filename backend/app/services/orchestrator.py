@@ -360,6 +360,7 @@ class Orchestrator:
         with self.runtime.session_factory() as session:
             cost_pico, calls = task_store.task_spend(session, [task.id]).get(task.id, (0, 0))
         best = state.best
+        finished_at = task_store.now()
         with self.runtime.session_factory() as session, session.begin():
             session.execute(
                 update(Task)
@@ -371,7 +372,7 @@ class Orchestrator:
                     diff=best.diff if best else None,
                     tests_after=task_store.dump_outcome(state.after),
                     failure_reason=reason,
-                    finished_at=task_store.now(),
+                    finished_at=finished_at,
                 )
             )
             task_store.add_event(
@@ -386,11 +387,13 @@ class Orchestrator:
                     "llm_calls": calls,
                     "cost_usd": pico_to_usd(cost_pico),
                     "succeeded": int(status == "succeeded"),
+                    f"status.{status}": 1,
                     "tests_passed_before": state.before.passed if state.before else None,
                     "tests_failed_before": state.before.failed if state.before else None,
                     "tests_passed_after": state.after.passed if state.after else None,
                     "tests_failed_after": state.after.failed if state.after else None,
                 },
+                finished_at,
             )
         TASK_DURATION.labels(status).observe(duration)
         TASK_SUCCESS.labels(status).inc()

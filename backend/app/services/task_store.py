@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 from app.api.auth import Principal
 from app.core.errors import Conflict, NotFound
 from app.core.money import usd_to_pico
-from app.models import TERMINAL_TASK_STATUSES, LLMUsage, Task, TaskEvent, TaskMetrics
+from app.models import TERMINAL_TASK_STATUSES, LLMUsage, Task, TaskEvent
 from app.schemas.tasks import TaskSubmitRequest
-from app.services import budgets_store
+from app.services import budgets_store, task_metrics_writer
 from app.services.budgets_store import BudgetScope
 
 MAX_RUNS = 2  # one restart after a crash, then the task fails
@@ -255,13 +255,12 @@ def recover_stale(engine: Engine, lease_seconds: float) -> list[str]:
     return touched
 
 
-def write_task_metrics(session: Session, task_id: str, metrics: dict[str, Any]) -> None:
-    stamp = now()
-    for name, value in metrics.items():
-        if value is None:
-            continue
-        session.add(
-            TaskMetrics(
-                task_id=task_id, metric_name=name, metric_value=Decimal(str(value)), timestamp=stamp
-            )
-        )
+def write_task_metrics(
+    session: Session, task_id: str, metrics: dict[str, Any], finished_at: datetime | None = None
+) -> None:
+    """Record a finished task's metrics (``None`` values are skipped) and add them to the daily
+    task rollup, in the session's transaction; a metric already recorded for the task is kept."""
+    values = {name: Decimal(str(value)) for name, value in metrics.items() if value is not None}
+    task_metrics_writer.record_task_metrics(
+        session.connection(), task_id, values, finished_at or now()
+    )

@@ -16,13 +16,14 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from app.api.auth import Principal, current_principal
 from app.api.v1.usage import utc_now
 from app.core.config import Settings
 from app.core.runtime import Runtime
 from app.main import create_app
-from app.models import TaskMetrics
+from app.services import task_store
 from app.services.usage_record import UsageRecord
 from app.services.usage_writer import insert_usage
 
@@ -381,39 +382,26 @@ async def test_longest_valid_id_is_accepted(client: httpx.AsyncClient) -> None:
 # -- task metrics ---------------------------------------------------------------------------
 
 
-def task_rows(task_id: str, when: datetime, **metrics: str) -> list[TaskMetrics]:
-    return [
-        TaskMetrics(task_id=task_id, metric_name=name.replace("__", "."),
-                    metric_value=Decimal(value), timestamp=when)
-        for name, value in metrics.items()
-    ]  # fmt: skip
+def finish(session: Session, task_id: str, when: datetime, **metrics: str) -> None:
+    """Record a finished task's metrics as the orchestrator does (``status__x`` is ``status.x``)."""
+    values = {name.replace("__", "."): Decimal(value) for name, value in metrics.items()}
+    task_store.write_task_metrics(session, task_id, values, when)
 
 
 @pytest.fixture
 def finished_tasks(engine: Engine) -> None:
     inside = datetime(2026, 3, 9, 8, 0, tzinfo=UTC)
-    rows = [
-        *task_rows("a", inside, succeeded="1", duration_seconds="10", cost_usd="0.5",
-                   status__succeeded="1", attempts="1"),
-        *task_rows("b", WINDOW_START, succeeded="0", duration_seconds="20", cost_usd="0.25",
-                   status__failed="1"),
-        *task_rows("c", NOW, succeeded="0", duration_seconds="40",
-                   cost_usd="0.000000000001", status__budget_exceeded="1"),
-        *task_rows("d", JUST_BEFORE_WINDOW, succeeded="1", duration_seconds="1000",
-                   cost_usd="9", status__succeeded="1"),
-    ]  # fmt: skip
-    with engine.begin() as conn:
-        conn.execute(TaskMetrics.__table__.insert(), [_values(r) for r in rows])
-
-
-def _values(row: TaskMetrics) -> dict[str, Any]:
-    return {
-        "id": uuid.uuid4().hex,
-        "task_id": row.task_id,
-        "metric_name": row.metric_name,
-        "metric_value": row.metric_value,
-        "timestamp": row.timestamp,
-    }
+    with Session(engine) as session, session.begin():
+        # fmt: off
+        finish(session, "a", inside, succeeded="1", duration_seconds="10", cost_usd="0.5",
+               status__succeeded="1", attempts="1")
+        finish(session, "b", WINDOW_START, succeeded="0", duration_seconds="20",
+               cost_usd="0.25", status__failed="1")
+        finish(session, "c", NOW, succeeded="0", duration_seconds="40",
+               cost_usd="0.000000000001", status__budget_exceeded="1")
+        finish(session, "d", JUST_BEFORE_WINDOW, succeeded="1", duration_seconds="1000",
+               cost_usd="9", status__succeeded="1")
+        # fmt: on
 
 
 async def test_task_metrics_from_task_metrics_rows(
@@ -429,10 +417,13 @@ async def test_task_metrics_from_task_metrics_rows(
     assert body["duration_seconds"] == {
         "count": 3,
         "avg": pytest.approx(70 / 3),
-        "p50": pytest.approx(20.0),
-        "p90": pytest.approx(36.0),  # rank 1.8 between 20 and 40
-        "p95": pytest.approx(38.0),
-        "p99": pytest.approx(39.6),
+        # Estimated from the duration histogram: 10 s in (5, 10], 20 s in (10, 20], 40 s in
+        # (30, 45]. p50 is rank 1.5 of 3, half-way through (10, 20]; p90 is rank 2.7, 70% into
+        # (30, 45] = 40.5, capped at the maximum like p95 and p99.
+        "p50": pytest.approx(15.0),
+        "p90": pytest.approx(40.0),
+        "p95": pytest.approx(40.0),
+        "p99": pytest.approx(40.0),
         "max": pytest.approx(40.0),
     }
     assert body["cost"] == {
