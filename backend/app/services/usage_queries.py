@@ -10,7 +10,8 @@ has not pruned yet.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -22,7 +23,9 @@ from sqlalchemy import (
     Connection,
     Date,
     Float,
+    String,
     and_,
+    bindparam,
     case,
     cast,
     func,
@@ -108,8 +111,12 @@ class UsageSums:
     def __init__(self, values: Sequence[Any] | None = None) -> None:
         self.values: list[Any] = list(values) if values is not None else [0] * len(SUM_FIELDS)
 
-    def add(self, other: UsageSums) -> None:
-        self.values = [a + b for a, b in zip(self.values, other.values, strict=True)]
+    @classmethod
+    def total(cls, parts: Iterable[UsageSums]) -> UsageSums:
+        """The sums of ``parts``, column by column (one pass per column, not one per part)."""
+        columns = zip(*(part.values for part in parts), strict=True)
+        summed = [sum(column) for column in columns]
+        return cls(summed) if summed else cls()
 
     def counts(self) -> dict[str, int]:
         """The ``COUNT_FIELDS`` by name."""
@@ -157,6 +164,33 @@ def _summed(column: Any, name: str) -> ColumnElement[Any]:
     return cast(func.sum(column), Float if name == "latency_ms_sum" else BigInteger)
 
 
+@functools.cache
+def _rollup_statement(
+    *, by_task: bool, by_user: bool, since: bool, until: bool, by_agent: bool
+) -> Any:
+    """The rollup query for one combination of filters, built once (then the compiled cache
+    serves it); the filter values are bound parameters."""
+    table: Any = (
+        UsageRollupDaily.__table__ if by_task or by_user else UsageRollupDailyOverall.__table__
+    )
+    c = table.c
+    conditions: list[ColumnElement[bool]] = []
+    if by_task:
+        conditions.append(c.task_id == bindparam("task_id", type_=String))
+    if by_user:
+        conditions.append(c.user_id == bindparam("user_id", type_=String))
+    if since:
+        conditions.append(c.day >= bindparam("since_day", type_=Date))
+    if until:
+        conditions.append(c.day < bindparam("until_day", type_=Date))
+    keys = [c.day, c.model, c.agent if by_agent else literal("")]
+    return (
+        select(*keys, *(_summed(c[name], name) for name in SUM_FIELDS))
+        .where(and_(True, *conditions))
+        .group_by(*keys[: 3 if by_agent else 2])
+    )
+
+
 def rollup_usage_groups(
     conn: Connection,
     *,
@@ -172,28 +206,16 @@ def rollup_usage_groups(
     Without a task or user it reads ``usage_rollup_daily_overall`` (a few rows a day), else
     ``usage_rollup_daily`` through its (task_id, day) or (user_id, day) index.
     """
-    table: Any = (
-        UsageRollupDailyOverall.__table__
-        if task_id is None and user_id is None
-        else UsageRollupDaily.__table__
+    stmt = _rollup_statement(
+        by_task=task_id is not None,
+        by_user=user_id is not None,
+        since=since_day is not None,
+        until=until_day is not None,
+        by_agent=by_agent,
     )
-    c = table.c
-    conditions: list[ColumnElement[bool]] = []
-    if task_id is not None:
-        conditions.append(c.task_id == task_id)
-    if user_id is not None:
-        conditions.append(c.user_id == user_id)
-    if since_day is not None:
-        conditions.append(c.day >= since_day)
-    if until_day is not None:
-        conditions.append(c.day < until_day)
-    keys = [c.day, c.model, c.agent if by_agent else literal("")]
-    stmt = (
-        select(*keys, *(_summed(c[name], name) for name in SUM_FIELDS))
-        .where(and_(True, *conditions))
-        .group_by(*keys[: 3 if by_agent else 2])
-    )
-    return _groups(conn.execute(stmt).all())
+    params = {"task_id": task_id, "user_id": user_id, "since_day": since_day,
+              "until_day": until_day}  # fmt: skip
+    return _groups(conn.execute(stmt, {k: v for k, v in params.items() if v is not None}).all())
 
 
 def _utc_day(conn: Connection, column: Any) -> ColumnElement[Any]:

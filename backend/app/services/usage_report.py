@@ -98,14 +98,10 @@ K = TypeVar("K", str, date)
 
 
 def _sum_by(groups: Iterable[UsageGroup], key: Callable[[UsageGroup], K]) -> dict[K, UsageSums]:
-    sums: dict[K, UsageSums] = {}
+    parts: dict[K, list[UsageSums]] = {}
     for group in groups:
-        k = key(group)
-        if k in sums:
-            sums[k].add(group.sums)
-        else:
-            sums[k] = UsageSums(group.sums.values)
-    return sums
+        parts.setdefault(key(group), []).append(group.sums)
+    return {k: UsageSums.total(sums) for k, sums in parts.items()}
 
 
 def _most_expensive_first(sums: dict[str, UsageSums]) -> list[tuple[str, UsageSums]]:
@@ -114,9 +110,7 @@ def _most_expensive_first(sums: dict[str, UsageSums]) -> list[tuple[str, UsageSu
 
 def _breakdowns(groups: list[UsageGroup]) -> dict[str, object]:
     by_model_sums = _sum_by(groups, lambda g: g.model)
-    total = UsageSums()
-    for sums in by_model_sums.values():
-        total.add(sums)
+    total = UsageSums.total(by_model_sums.values())
     by_model = _most_expensive_first(by_model_sums)
     by_day = sorted(_sum_by(groups, lambda g: g.day).items())
     return {
