@@ -5,11 +5,13 @@
     .venv/bin/python ../bench/seed_usage.py \
         --db postgresql+psycopg://postgres@127.0.0.1:5432/asa_bench --rows 10000000
 
-The database is dropped and rebuilt with the real migrations (``alembic upgrade head``). Rows
-are written with COPY on PostgreSQL and ``executemany`` on SQLite; then the daily rollup is built
-from them with one ``INSERT ... SELECT ... GROUP BY`` (the same sums the usage writer keeps
-row by row; ``usage_endpoints.py`` checks the two agree), the overall rollup from that, and
-``task_metrics`` gets the rows the orchestrator writes for each finished task.
+The database is dropped and rebuilt with the real migrations, up to the revision before the
+daily task rollup. Rows are written with COPY on PostgreSQL (the secondary indexes dropped
+before it and rebuilt after) and ``executemany`` on SQLite; then the daily rollup is built from
+them with one ``INSERT ... SELECT ... GROUP BY`` (the same sums the usage writer keeps row by row;
+``usage_endpoints.py`` checks the two agree), the overall rollup from that, and ``task_metrics``
+gets the rows the orchestrator writes for each finished task. Last, ``alembic upgrade head``:
+revision 0004 builds ``task_metrics_daily`` from those rows, as it would on a live database.
 
 The shape (deterministic for a given ``--seed``): calls spread over the last ``--days`` UTC days
 ending today; ``--users`` users; tasks of 10-70 calls (40 on average) made on one day by one
@@ -20,7 +22,6 @@ user, each with one or two of five models; three agents (2% of calls have none);
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import random
 import sys
@@ -31,6 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from alembic import command
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -38,7 +40,7 @@ BACKEND = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND))
 
 from app.core.db import create_db_engine  # noqa: E402
-from app.core.migrations import upgrade_to_head  # noqa: E402
+from app.core.migrations import alembic_config, upgrade_to_head  # noqa: E402
 from app.models import LATENCY_BUCKETS_MS, LLMUsage  # noqa: E402
 
 # (model, input pico-USD per token, output pico-USD per token); the last one has no price.
@@ -50,6 +52,9 @@ MODELS = [
     ("local-llama", 0, 0),
 ]
 AGENTS = ["fix_agent", "code_agent", "test_generator"]
+# task_metrics_daily is filled by its own revision (0004) from the task_metrics rows: the loader
+# migrates to the revision before it, loads, then migrates to head.
+BEFORE_TASK_ROLLUP = "0003"
 COLUMNS = (
     "id", "request_id", "task_id", "user_id", "agent", "provider", "model", "prompt_tokens",
     "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cost_pico_usd",
@@ -67,8 +72,9 @@ class Shape:
     today: date
 
 
-def generate(shape: Shape, *, iso_tz: bool) -> Iterator[tuple[object, ...]]:
-    """Rows in COLUMNS order; timestamps as text in the form each backend stores.
+def generate(shape: Shape, *, iso_tz: bool, null: str | None) -> Iterator[tuple[object, ...]]:
+    """Rows in COLUMNS order; timestamps as text in the form each backend stores, and ``null``
+    for a missing value (``None`` for a driver, ``\\N`` for COPY text).
 
     Written for speed (about 10 us a row): a task's calls all fall on its day, so timestamps
     are formatted from integers rather than through datetime.
@@ -96,7 +102,7 @@ def generate(shape: Shape, *, iso_tz: bool) -> Iterator[tuple[object, ...]]:
         for i in range(calls):
             seq += 1
             model, in_price, out_price = MODELS[4] if rand() < 0.01 else models[i % len(models)]
-            agent = AGENTS[i % 3] if rand() >= 0.02 else None
+            agent = AGENTS[i % 3] if rand() >= 0.02 else null
             r = rand()
             status = "success" if r < 0.94 else "error" if r < 0.98 else "blocked"
             if status == "blocked":
@@ -134,35 +140,47 @@ def generate(shape: Shape, *, iso_tz: bool) -> Iterator[tuple[object, ...]]:
                 False,
                 False,
                 1,
-                "APIError" if status == "error" else None,
+                "APIError" if status == "error" else null,
                 stamp,
             )
 
 
 def _rollup_sql(dialect: str) -> str:
+    """``usage_rollup_daily`` from the rows. The latency histogram is taken as cumulative counts
+    (one comparison per bound and row) and differenced per group."""
     day = "(timezone('UTC', timestamp))::date" if dialect == "postgresql" else "date(timestamp)"
-    whens = " ".join(f"WHEN latency_ms <= {b} THEN {i}" for i, b in enumerate(LATENCY_BUCKETS_MS))
-    bucket = f"(CASE {whens} ELSE {len(LATENCY_BUCKETS_MS)} END)"
-    buckets = [f"lat_b{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
-    bucket_sums = ", ".join(
-        f"SUM(CASE WHEN {bucket} = {i} THEN 1 ELSE 0 END)" for i in range(len(buckets))
+    bounds = len(LATENCY_BUCKETS_MS)
+    buckets = [f"lat_b{i:02d}" for i in range(bounds + 1)]
+    at_most = ", ".join(
+        f"SUM(CASE WHEN latency_ms <= {b} THEN 1 ELSE 0 END) AS le{i:02d}"
+        for i, b in enumerate(LATENCY_BUCKETS_MS)
+    )
+    counts = ["le00", *(f"le{i:02d} - le{i - 1:02d}" for i in range(1, bounds))]
+    counts.append(f"requests - le{bounds - 1:02d}")
+    sums = (
+        "requests, successes, errors, blocked, unpriced_calls, prompt_tokens, completion_tokens, "
+        "cached_tokens, reasoning_tokens, total_tokens, cost_pico_usd, latency_ms_sum"
     )
     return f"""
         INSERT INTO usage_rollup_daily (
-            day, user_id, task_id, model, agent, requests, successes, errors, blocked,
-            unpriced_calls, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
-            total_tokens, cost_pico_usd, latency_ms_sum, {", ".join(buckets)})
-        SELECT {day}, COALESCE(user_id, ''), COALESCE(task_id, ''), model, COALESCE(agent, ''),
-            COUNT(*),
-            SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END),
-            SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END),
-            SUM(CASE WHEN status = 'blocked' THEN 1 ELSE 0 END),
-            SUM(CASE WHEN cost_status = 'unpriced' AND status <> 'blocked' THEN 1 ELSE 0 END),
-            SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
-            SUM(reasoning_tokens), SUM(total_tokens), SUM(cost_pico_usd), SUM(latency_ms),
-            {bucket_sums}
-        FROM llm_usage
-        GROUP BY 1, 2, 3, 4, 5
+            day, user_id, task_id, model, agent, {sums}, {", ".join(buckets)})
+        SELECT day, user_id, task_id, model, agent, {sums}, {", ".join(counts)}
+        FROM (
+            SELECT {day} AS day, COALESCE(user_id, '') AS user_id,
+                COALESCE(task_id, '') AS task_id, model, COALESCE(agent, '') AS agent,
+                COUNT(*) AS requests,
+                SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END) AS successes,
+                SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS errors,
+                SUM(CASE WHEN status = 'blocked' THEN 1 ELSE 0 END) AS blocked,
+                SUM(CASE WHEN cost_status = 'unpriced' AND status <> 'blocked' THEN 1 ELSE 0 END)
+                    AS unpriced_calls,
+                SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,
+                SUM(cached_tokens) AS cached_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
+                SUM(total_tokens) AS total_tokens, SUM(cost_pico_usd) AS cost_pico_usd,
+                SUM(latency_ms) AS latency_ms_sum, {at_most}
+            FROM llm_usage
+            GROUP BY 1, 2, 3, 4, 5
+        ) AS grouped
     """
 
 
@@ -180,41 +198,43 @@ def _overall_sql() -> str:
     )
 
 
-def _task_metrics_sql(dialect: str) -> str:
-    """What the orchestrator writes per finished task, derived from the task's calls."""
+def _task_metrics_sql(dialect: str) -> list[str]:
+    """What the orchestrator writes per finished task, derived from the task's calls: one scan
+    of ``llm_usage`` into a per-task table, then five rows per task from it."""
     if dialect == "postgresql":
         pick = "(hashtext(task_id) & 1023)"
-        to_usd = "SUM(cost_pico_usd)::numeric / 1000000000000"
+        to_usd = "cost_pico_usd::numeric / 1000000000000"
         new_id = "md5(task_id || '{name}')"
     else:
         pick = "(abs(CAST(substr(task_id, 6) AS INTEGER) * 2654435761) % 1024)"
-        to_usd = "SUM(cost_pico_usd) / 1000000000000.0"
+        to_usd = "cost_pico_usd / 1000000000000.0"
         new_id = "lower(hex(randomblob(16)))"
-    finished = "MAX(timestamp)"
-    metrics = {
-        "succeeded": f"CASE WHEN {pick} < 700 THEN 1 ELSE 0 END",
-        "duration_seconds": f"(60 + {pick} * 3.7)",
-        "cost_usd": to_usd,
-        "llm_calls": "COUNT(*)",
-    }
-    selects = []
-    for name, value in metrics.items():
-        selects.append(
-            f"SELECT {new_id.format(name=name)}, task_id, '{name}', {value}, {finished} "
-            "FROM llm_usage GROUP BY task_id"
-        )
-    status = (
-        f"CASE WHEN {pick} < 700 THEN 'status.succeeded' WHEN {pick} < 950 THEN 'status.failed' "
-        f"WHEN {pick} < 1000 THEN 'status.budget_exceeded' ELSE 'status.cancelled' END"
-    )
-    selects.append(
-        f"SELECT {new_id.format(name='status')}, task_id, {status}, 1, {finished} "
+    per_task = (
+        f"CREATE TEMPORARY TABLE bench_task AS SELECT task_id, {pick} AS pick, "
+        "COUNT(*) AS calls, SUM(cost_pico_usd) AS cost_pico_usd, MAX(timestamp) AS finished "
         "FROM llm_usage GROUP BY task_id"
     )
-    return (
-        "INSERT INTO task_metrics (id, task_id, metric_name, metric_value, timestamp) "
-        + " UNION ALL ".join(selects)
+    metrics = {
+        "succeeded": "CASE WHEN pick < 700 THEN 1 ELSE 0 END",
+        "duration_seconds": "(60 + pick * 3.7)",
+        "cost_usd": to_usd,
+        "llm_calls": "calls",
+    }
+    selects = [
+        f"SELECT {new_id.format(name=name)}, task_id, '{name}', {value}, finished FROM bench_task"
+        for name, value in metrics.items()
+    ]
+    status = (
+        "CASE WHEN pick < 700 THEN 'status.succeeded' WHEN pick < 950 THEN 'status.failed' "
+        "WHEN pick < 1000 THEN 'status.budget_exceeded' ELSE 'status.cancelled' END"
     )
+    selects.append(
+        f"SELECT {new_id.format(name='status')}, task_id, {status}, 1, finished FROM bench_task"
+    )
+    insert = "INSERT INTO task_metrics (id, task_id, metric_name, metric_value, timestamp) " + (
+        " UNION ALL ".join(selects)
+    )
+    return [per_task, insert, "DROP TABLE bench_task"]
 
 
 def recreate_database(url: str) -> None:
@@ -231,11 +251,12 @@ def recreate_database(url: str) -> None:
     admin.dispose()
 
 
-def load_postgres(engine: Engine, shape: Shape) -> None:
+def load_postgres(engine: Engine, shape: Shape, timings: dict[str, float]) -> None:
     # The secondary indexes are dropped for the COPY and rebuilt after it (a sort per index
     # instead of a b-tree insert per row), from the model's own definitions.
     table: Any = LLMUsage.__table__
     secondary = [i for i in table.indexes if str(i.name).startswith("ix_llm_usage_")]
+    t0 = time.perf_counter()
     with engine.begin() as conn:
         for index in secondary:
             index.drop(conn)
@@ -244,25 +265,28 @@ def load_postgres(engine: Engine, shape: Shape) -> None:
         cursor = raw.cursor()
         cursor.execute("SET synchronous_commit = off")
         copy_sql = f"COPY llm_usage ({', '.join(COLUMNS)}) FROM STDIN"
+        line = "\t".join(["%s"] * len(COLUMNS)) + "\n"
         with cursor.copy(copy_sql) as copy:
-            buffer = io.StringIO()
-            for n, row in enumerate(generate(shape, iso_tz=True), 1):
-                buffer.write("\t".join(r"\N" if v is None else str(v) for v in row))
-                buffer.write("\n")
-                if n % 50_000 == 0:
-                    copy.write(buffer.getvalue())
-                    buffer = io.StringIO()
-            copy.write(buffer.getvalue())
+            lines: list[str] = []
+            for row in generate(shape, iso_tz=True, null=r"\N"):
+                lines.append(line % row)
+                if len(lines) == 50_000:
+                    copy.write("".join(lines))
+                    lines.clear()
+            copy.write("".join(lines))
         raw.commit()
     finally:
         raw.close()
+    timings["copy_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     with engine.begin() as conn:
         conn.execute(text("SET LOCAL maintenance_work_mem = '512MB'"))
         for index in secondary:
             index.create(conn)
+    timings["create_indexes_s"] = time.perf_counter() - t0
 
 
-def load_sqlite(engine: Engine, shape: Shape) -> None:
+def load_sqlite(engine: Engine, shape: Shape, timings: dict[str, float]) -> None:
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
@@ -270,7 +294,7 @@ def load_sqlite(engine: Engine, shape: Shape) -> None:
         placeholders = ", ".join("?" * len(COLUMNS))
         sql = f"INSERT INTO llm_usage ({', '.join(COLUMNS)}) VALUES ({placeholders})"
         batch: list[tuple[object, ...]] = []
-        for row in generate(shape, iso_tz=False):
+        for row in generate(shape, iso_tz=False, null=None):
             batch.append(row)
             if len(batch) == 50_000:
                 cursor.executemany(sql, batch)
@@ -285,23 +309,28 @@ def seed(url: str, shape: Shape) -> dict[str, float]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     recreate_database(url)
-    upgrade_to_head(url)
+    command.upgrade(alembic_config(url), BEFORE_TASK_ROLLUP)
     engine = create_db_engine(url)
     dialect = engine.dialect.name
     timings["migrate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    (load_postgres if dialect == "postgresql" else load_sqlite)(engine, shape)
+    (load_postgres if dialect == "postgresql" else load_sqlite)(engine, shape, timings)
     timings["load_rows_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with engine.begin() as conn:
         if dialect == "postgresql":
-            conn.execute(text("SET LOCAL work_mem = '256MB'"))
+            conn.execute(text("SET LOCAL work_mem = '1GB'"))  # the GROUP BYs in memory
         conn.execute(text(_rollup_sql(dialect)))
         conn.execute(text(_overall_sql()))
-        conn.execute(text(_task_metrics_sql(dialect)))
+        for statement in _task_metrics_sql(dialect):
+            conn.execute(text(statement))
     timings["build_rollup_and_task_metrics_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    upgrade_to_head(url)  # 0004 fills task_metrics_daily
+    timings["migrate_to_head_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if dialect == "postgresql":
@@ -317,6 +346,7 @@ def seed(url: str, shape: Shape) -> dict[str, float]:
             "usage_rollup_daily",
             "usage_rollup_daily_overall",
             "task_metrics",
+            "task_metrics_daily",
         ):
             timings[f"{table}_rows"] = conn.execute(
                 text(f"SELECT COUNT(*) FROM {table}")
