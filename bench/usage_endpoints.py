@@ -8,8 +8,10 @@
    (``httpx.AsyncClient`` over ``ASGITransport``: routing, validation, the session, the query,
    the response model and JSON), a different task or user each time; p50/p95/max wall time.
 2. Rollup vs raw: the same report is computed by the service from the rollup and from the raw
-   ``llm_usage`` rows (``source="raw"``), timed in the same run; the two answers must agree
-   (exact but for float rounding of latency sums), and the ratio of medians is reported.
+   ``llm_usage`` (or ``task_metrics``) rows (``source="raw"``), timed in the same run; the two
+   answers must agree (exact but for float rounding of latency sums; the task metrics report's
+   duration percentiles, histogram estimates on the rollup, are reported side by side instead),
+   and the ratio of medians is reported.
 
 Results go to stdout (a Markdown table) and to ``bench/results/usage-<dialect>-<rows>.json``.
 """
@@ -42,6 +44,7 @@ from app.core.config import Settings  # noqa: E402
 from app.core.runtime import Runtime  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import LLMUsage, UsageRollupDaily  # noqa: E402
+from app.services.task_metrics_report import task_metrics  # noqa: E402
 from app.services.usage_report import (  # noqa: E402
     Source,
     overall_usage,
@@ -67,6 +70,19 @@ def summary_ms(seconds: list[float]) -> dict[str, float]:
         "p95_ms": round(percentile(ms, 0.95), 2),
         "max_ms": round(max(ms), 2),
     }
+
+
+PERCENTILES = ("p50", "p90", "p95", "p99")
+
+
+def split_estimates(answer: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """The task metrics report's duration percentiles are histogram estimates on the rollup and
+    exact on the raw rows: set them apart so the rest can be compared exactly."""
+    durations = answer.get("duration_seconds")
+    if durations is None:
+        return answer, {}
+    rest = {k: v for k, v in durations.items() if k not in PERCENTILES}
+    return {**answer, "duration_seconds": rest}, {k: durations[k] for k in PERCENTILES}
 
 
 def same(a: Any, b: Any) -> bool:
@@ -158,16 +174,21 @@ async def bench(url: str, requests: int, raw_repeats: int, seed: int) -> dict[st
         "user, 30 days": lambda s, src: user_usage(s, ADMIN, user_ids[0], month, source=src),
         "overall, 7 days": lambda s, src: overall_usage(s, week, source=src),
         "overall, 30 days": lambda s, src: overall_usage(s, month, source=src),
+        "task metrics, 7 days": lambda s, src: task_metrics(s, week, source=src),
     }
     for name, call in reports.items():
         rollup_t, rollup_answer = time_service(runtime, call, "rollup", max(raw_repeats, 5))
         raw_t, raw_answer = time_service(runtime, call, "raw", raw_repeats)
+        rollup_rest, estimated = split_estimates(rollup_answer)
+        raw_rest, exact = split_estimates(raw_answer)
         entry = {
             "rollup": summary_ms(rollup_t),
             "raw": summary_ms(raw_t),
             "ratio_of_medians": round(statistics.median(raw_t) / statistics.median(rollup_t), 1),
-            "answers_agree": same(rollup_answer, raw_answer),
+            "answers_agree": same(rollup_rest, raw_rest),
         }
+        if estimated:
+            entry["duration_percentiles"] = {"rollup_estimate": estimated, "raw_exact": exact}
         result["rollup_vs_raw"][name] = entry
         print(f"{name:36} {entry}", flush=True)
     runtime.close()
@@ -195,6 +216,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {e['rollup']['p50_ms']} | {e['raw']['p50_ms']} | "
             f"{e['ratio_of_medians']}x | {'yes' if e['answers_agree'] else 'NO'} |"
         )
+    for name, e in result["rollup_vs_raw"].items():
+        if "duration_percentiles" in e:
+            est, exact = (e["duration_percentiles"][k] for k in ("rollup_estimate", "raw_exact"))
+            lines.append(
+                f"\n{name}, duration p50/p90/p95/p99 s: rollup estimate "
+                + " / ".join(f"{est[p]:.1f}" for p in PERCENTILES if est[p] is not None)
+                + ", exact "
+                + " / ".join(f"{exact[p]:.1f}" for p in PERCENTILES if exact[p] is not None)
+            )
     return "\n".join(lines)
 
 
