@@ -8,6 +8,7 @@ from the environment. Nothing here runs at import time.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
-from app.core.db import create_db_engine, create_session_factory
+from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
 from app.services.budgets import DatabaseBudgetGuard
+from app.services.db_worker import DbWorker
 from app.services.pricing import PriceBook
 from app.services.usage_spool import UsageSpool
 from app.services.usage_writer import SpoolReplayer, UsageWriter
@@ -62,8 +64,14 @@ class Runtime:
     simulator: SimulatorServer | None = None
     replayer: SpoolReplayer | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    checkpointer: SqliteCheckpointer | None = None
+    # The thread that does async callers' tracking SQL (created on first use).
+    db_worker: DbWorker = field(init=False)
 
-    @property
+    def __post_init__(self) -> None:
+        self.db_worker = DbWorker(self.writer)
+
+    @functools.cached_property
     def secrets(self) -> tuple[str, ...]:
         return self.settings.secret_values
 
@@ -132,12 +140,18 @@ class Runtime:
         if start_background:
             runtime.replayer = SpoolReplayer(writer, settings.spool_replay_interval_seconds)
             runtime.replayer.start()
+        if engine.dialect.name == "sqlite":
+            runtime.checkpointer = SqliteCheckpointer(engine)
+            runtime.checkpointer.start()
         return runtime
 
     def close(self) -> None:
         """Replay what is spooled, then release connections and threads."""
+        self.db_worker.close()
         if self.replayer is not None:
             self.replayer.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.openai_client.close()
         self.engine.dispose()
         if self.simulator is not None:

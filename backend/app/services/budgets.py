@@ -14,7 +14,9 @@ user can spend up to a day's limit just before midnight UTC and another just aft
 Limits come from the environment (``BUDGET_*``; unset = unlimited) unless an administrator set an
 override for the scope and subject through ``/api/v1/limits`` (an override may also be
 "unlimited"). Counters are kept for every scope whether or not it is limited, so a limit set in
-the middle of a window applies to what was already spent in it.
+the middle of a window applies to what was already spent in it. A call that no scope limits
+reserves nothing: ``reserve`` only reads the overrides, and its spend is booked on the counters
+when it settles, in the usage row's transaction.
 
 Before a call, ``DatabaseBudgetGuard.reserve`` computes the call's worst-case cost: estimated
 prompt tokens (``estimate_prompt_tokens``: 4 characters a token plus 4 per message, plus the tool
@@ -54,15 +56,16 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.config import Settings
 from app.core.errors import BudgetExceededError, BudgetUnavailableError
 from app.core.money import pico_to_usd, usd_to_pico
+from app.core.prepared import Tx, write_gate
 from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
 from app.services import budgets_store as store
-from app.services.budgets_store import BudgetScope, CounterKey, CounterState
+from app.services.budgets_store import BudgetScope, CounterKey, CounterState, OverrideLimit
 from app.services.llm_tracking import CallContext, estimate_prompt_tokens, estimate_tokens
 from app.services.pricing import PriceBook, TokenUsage
 from app.services.usage_record import UsageRecord
@@ -147,7 +150,9 @@ def default_limit_pico(settings: Settings, scope: BudgetScope) -> int | None:
 
 
 def effective_limit(
-    settings: Settings, scope: BudgetScope, override: store.OverrideRow | None
+    settings: Settings,
+    scope: BudgetScope,
+    override: OverrideLimit | store.OverrideRow | None,
 ) -> Limit:
     threshold = settings.budget_soft_threshold
     if override is not None:
@@ -157,10 +162,13 @@ def effective_limit(
 
 
 def resolve_limits(
-    conn: Connection, settings: Settings, keys: list[CounterKey]
+    tx: Tx, settings: Settings, task_id: str | None, user_id: str | None, keys: list[CounterKey]
 ) -> dict[BudgetScope, Limit]:
-    overrides = store.read_overrides(conn, [(k.scope, k.subject_id) for k in keys])
-    return {k.scope: effective_limit(settings, k.scope, overrides.get(k.scope)) for k in keys}
+    overrides = store.read_override_limits(tx, task_id, user_id)
+    return {
+        k.scope: effective_limit(settings, k.scope, overrides.get((k.scope, k.subject_id)))
+        for k in keys
+    }
 
 
 def any_default_limit(settings: Settings) -> bool:
@@ -213,7 +221,11 @@ def worst_case(
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """The handle ``reserve`` returns and ``settle`` consumes."""
+    """The handle ``reserve`` returns and ``settle`` consumes.
+
+    ``held`` is False when none of the call's scopes had a limit: nothing was reserved, and
+    settling only books the spend.
+    """
 
     id: str
     amount_pico: int
@@ -221,6 +233,7 @@ class Reservation:
     user_id: str | None
     window_day: date
     limits: Mapping[BudgetScope, Limit]
+    held: bool = True
 
 
 class DatabaseBudgetGuard:
@@ -238,6 +251,7 @@ class DatabaseBudgetGuard:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._engine = engine
+        self._gate = write_gate(engine)
         self._settings = settings
         self._price_book = price_book
         self._clock = clock
@@ -279,18 +293,24 @@ class DatabaseBudgetGuard:
     def _reserve(self, context: CallContext, amount: int, now: datetime) -> Reservation:
         day = now.date()
         keys = counter_keys(context.task_id, context.user_id, day)
+        with self._gate.transaction(write=False) as tx:
+            limits = resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
+        if all(limit.limit_pico is None for limit in limits.values()):
+            # Nothing limits this call: no reservation to hold, no write before the call. The
+            # spend is still booked on every scope's counter when it settles, so a limit set
+            # later in the window counts what was spent before it.
+            return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
         row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
         # Raising inside the block rolls back every scope's increment made before it.
-        with self._engine.begin() as conn:
+        with self._gate.transaction() as tx:
             # The reservation row first: the transaction starts with a write (on SQLite it takes
             # the write lock at once, never upgrading a read snapshot), and the counter rows (the
             # global one is everybody's) stay locked only from their UPDATE to the commit.
-            store.insert_reservation(conn, row, created_at=now, expires_at=now + self._ttl)
-            limits = resolve_limits(conn, self._settings, keys)
+            store.insert_reservation(tx, row, created_at=now, expires_at=now + self._ttl)
             for key in keys:
                 limit = limits[key.scope].limit_pico
-                if not store.try_reserve(conn, key, amount, limit, now):
-                    state = store.read_counter(conn, key) or CounterState()
+                if not store.try_reserve(tx, key, amount, limit, now):
+                    state = store.read_counter(tx, key) or CounterState()
                     raise self._exceeded(key, limit or 0, state, amount)
         return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
 
@@ -317,22 +337,22 @@ class DatabaseBudgetGuard:
             ) from exc
         logger.warning("Budget store failed; the call goes ahead unmetered: %s", exc)
 
-    def settle(
-        self, reservation: Reservation, record: UsageRecord, conn: Connection | None = None
-    ) -> None:
+    def settle(self, reservation: Reservation, record: UsageRecord, tx: Tx | None = None) -> None:
         """Replace the reservation with the call's recorded cost.
 
-        Inside ``conn``'s transaction when given (the client passes the usage row's, so the
-        ledger and the counters commit together), else in a transaction of its own. The spend
-        is booked in the UTC day (and month) of the record, as the usage ledger books it; the
+        Inside ``tx`` when given (the client passes the usage row's transaction, so the ledger
+        and the counters commit together), else in a transaction of its own. The spend is
+        booked in the UTC day (and month) of the record, as the usage ledger books it; the
         reservation is released from the windows it was taken in, unless a sweep already
         reclaimed it.
         """
-        if conn is None:
-            with self._engine.begin() as own:
+        if not reservation.held and record.cost_pico_usd <= 0:
+            return  # nothing reserved, nothing spent
+        if tx is None:
+            with self._gate.transaction() as own:
                 released, after, warned = self._settle_on(own, reservation, record)
         else:
-            released, after, warned = self._settle_on(conn, reservation, record)
+            released, after, warned = self._settle_on(tx, reservation, record)
         if not released:
             logger.warning(
                 "Reservation %s had expired before its call settled; "
@@ -343,14 +363,14 @@ class DatabaseBudgetGuard:
             self._warn_soft_limit(key, reservation.limits[key.scope], after[key])
 
     def _settle_on(
-        self, conn: Connection, reservation: Reservation, record: UsageRecord
+        self, tx: Tx, reservation: Reservation, record: UsageRecord
     ) -> tuple[bool, dict[CounterKey, CounterState], list[CounterKey]]:
         now = self._clock()
         actual = max(record.cost_pico_usd, 0)
         spend_day = record.timestamp.astimezone(UTC).date()
         deltas: dict[CounterKey, tuple[int, int]] = {}
-        released = store.delete_reservation(conn, reservation.id)
-        if released:
+        released = not reservation.held or store.delete_reservation(tx, reservation.id)
+        if reservation.held and released:
             for key in counter_keys(
                 reservation.task_id, reservation.user_id, reservation.window_day
             ):
@@ -359,12 +379,12 @@ class DatabaseBudgetGuard:
             for key in counter_keys(reservation.task_id, reservation.user_id, spend_day):
                 spent, reserved = deltas.get(key, (0, 0))
                 deltas[key] = (spent + actual, reserved)
-        after = store.apply_counter_deltas(conn, deltas, now)
+        after = store.apply_counter_deltas(tx, deltas, now)
         warned = [
             key
             for key, state in after.items()
             if self._crossed_soft_limit(reservation.limits.get(key.scope), state)
-            and store.mark_soft_warned(conn, key)
+            and store.mark_soft_warned(tx, key)
         ]
         return released, after, warned
 
@@ -400,7 +420,7 @@ class DatabaseBudgetGuard:
                 for row in expired:
                     for key in counter_keys(row.task_id, row.user_id, row.window_day):
                         deltas[key] = (0, deltas.get(key, (0, 0))[1] - row.amount_pico)
-                store.apply_counter_deltas(conn, deltas, now)
+                store.apply_counter_deltas(Tx.of(conn), deltas, now)
             if expired:
                 logger.warning("Released %d expired budget reservations", len(expired))
             total += len(expired)

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from app.core.prepared import Statement, Tx, dialect_insert
 from app.models_budget import BudgetCounter, BudgetLimitOverride, BudgetReservation
 
 _counter = cast(Table, BudgetCounter.__table__)
@@ -77,6 +78,14 @@ class CounterState:
 
 
 @dataclass(frozen=True, slots=True)
+class OverrideLimit:
+    """What the reserve path needs of an override: its limit (None: unlimited), its threshold."""
+
+    limit_pico: int | None
+    soft_threshold: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
 class OverrideRow:
     scope: BudgetScope
     subject_id: str
@@ -87,8 +96,8 @@ class OverrideRow:
 
 
 # -- statements -------------------------------------------------------------------------------
-# Built once: the hot path only binds parameters (building a statement per call cost more CPU
-# than the database round trip).
+# Built once and precompiled (``app.core.prepared``): the hot path only binds parameters
+# (building and executing a statement through SQLAlchemy cost more CPU than the database).
 
 _c = _counter.c
 _KEY = and_(
@@ -101,16 +110,19 @@ _AMOUNT = bindparam("amount", type_=BigInteger)
 _CAP = bindparam("cap", type_=BigInteger)
 _COUNTER_STATE = (_c.spent_pico_usd, _c.reserved_pico_usd, _c.soft_warned)
 
-_RESERVE_UNLIMITED = (
+_reserve_unlimited = (
     update(_counter)
     .where(_KEY)
     .values(reserved_pico_usd=_c.reserved_pico_usd + _AMOUNT, updated_at=_NOW)
 )
-_RESERVE_WITHIN_CAP = _RESERVE_UNLIMITED.where(
-    _c.spent_pico_usd + _c.reserved_pico_usd + _AMOUNT <= _CAP
+_RESERVE_UNLIMITED = Statement(_reserve_unlimited)
+_RESERVE_WITHIN_CAP = Statement(
+    _reserve_unlimited.where(_c.spent_pico_usd + _c.reserved_pico_usd + _AMOUNT <= _CAP)
 )
-_RESERVE_IF_ANY_LEFT = _RESERVE_UNLIMITED.where(_c.spent_pico_usd + _c.reserved_pico_usd < _CAP)
-_APPLY_DELTAS = (
+_RESERVE_IF_ANY_LEFT = Statement(
+    _reserve_unlimited.where(_c.spent_pico_usd + _c.reserved_pico_usd < _CAP)
+)
+_APPLY_DELTAS = Statement(
     update(_counter)
     .where(_KEY)
     .values(
@@ -120,46 +132,66 @@ _APPLY_DELTAS = (
     )
     .returning(*_COUNTER_STATE)
 )
-_READ_COUNTER = select(*_COUNTER_STATE).where(_KEY)
-_MARK_SOFT_WARNED = update(_counter).where(_KEY, _c.soft_warned.is_(False)).values(soft_warned=True)
-_INSERT_RESERVATION = insert(_reservation)
-_DELETE_RESERVATION = delete(_reservation).where(_reservation.c.id == bindparam("r_id"))
+_READ_COUNTER = Statement(select(*_COUNTER_STATE).where(_KEY))
+_MARK_SOFT_WARNED = Statement(
+    update(_counter).where(_KEY, _c.soft_warned.is_(False)).values(soft_warned=True)
+)
+_RESERVATION_COLUMNS = (
+    "id", "amount_pico_usd", "task_id", "user_id", "window_day", "created_at", "expires_at",
+)  # fmt: skip
+_INSERT_RESERVATION = Statement(insert(_reservation), column_keys=_RESERVATION_COLUMNS)
+_DELETE_RESERVATION = Statement(delete(_reservation).where(_reservation.c.id == bindparam("r_id")))
 _OVERRIDES_OF_SUBJECTS = select(_override).where(
     _override.c.subject_id.in_(bindparam("subjects", expanding=True))
 )
+# The reserve path's lookup: a call has at most three subjects (its task, its user, and ''
+# for the global scope), so a fixed IN list that precompiles.
+_OVERRIDE_LIMITS = Statement(
+    select(
+        _override.c.scope,
+        _override.c.subject_id,
+        _override.c.limit_pico_usd,
+        _override.c.soft_threshold,
+    ).where(
+        _override.c.subject_id.in_(
+            [bindparam("s_task"), bindparam("s_user"), bindparam("s_global")]
+        )
+    )
+)
+_ENSURE_COUNTER = Statement(
+    lambda dialect: dialect_insert(dialect)(_counter).on_conflict_do_nothing(),
+    column_keys=[
+        "scope", "subject_id", "window_start", "spent_pico_usd", "reserved_pico_usd",
+        "soft_warned", "updated_at",
+    ],
+)  # fmt: skip
 
 
 # -- counters ---------------------------------------------------------------------------------
 
 
 def _insert_ignore(conn: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"Unsupported database dialect: {conn.dialect.name}")
+    return cast(postgresql.Insert | sqlite.Insert, dialect_insert(conn.dialect.name)(table))
 
 
-def ensure_counter(conn: Connection, key: CounterKey, now: datetime) -> None:
+def ensure_counter(tx: Tx, key: CounterKey, now: datetime) -> None:
     """Create the counter row at zero unless it exists (a concurrent creator wins quietly)."""
-    stmt = (
-        _insert_ignore(conn, _counter)
-        .values(
-            scope=key.scope.value,
-            subject_id=key.subject_id,
-            window_start=key.window_start,
-            spent_pico_usd=0,
-            reserved_pico_usd=0,
-            soft_warned=False,
-            updated_at=now,
-        )
-        .on_conflict_do_nothing()
+    tx.execute(
+        _ENSURE_COUNTER,
+        {
+            "scope": key.scope.value,
+            "subject_id": key.subject_id,
+            "window_start": key.window_start,
+            "spent_pico_usd": 0,
+            "reserved_pico_usd": 0,
+            "soft_warned": False,
+            "updated_at": now,
+        },
     )
-    conn.execute(stmt)
 
 
 def try_reserve(
-    conn: Connection, key: CounterKey, amount_pico: int, limit_pico: int | None, now: datetime
+    tx: Tx, key: CounterKey, amount_pico: int, limit_pico: int | None, now: datetime
 ) -> bool:
     """Add ``amount_pico`` to the key's reserved total if the limit allows it; True if added.
 
@@ -174,41 +206,41 @@ def try_reserve(
     params = {**key.params(), "amount": amount_pico, "cap": limit_pico, "now": now}
     if limit_pico is None:
         del params["cap"]
-    if conn.execute(stmt, params).rowcount == 1:
+    if tx.execute(stmt, params).rowcount == 1:
         return True
     # No row matched: over the limit, or no row yet (perhaps created by another transaction
     # since). Make sure it exists, then the second UPDATE's answer is final.
-    ensure_counter(conn, key, now)
-    return bool(conn.execute(stmt, params).rowcount == 1)
+    ensure_counter(tx, key, now)
+    return bool(tx.execute(stmt, params).rowcount == 1)
 
 
-def read_counter(conn: Connection, key: CounterKey) -> CounterState | None:
-    row = conn.execute(_READ_COUNTER, key.params()).first()
+def read_counter(conn: Tx | Connection, key: CounterKey) -> CounterState | None:
+    row = Tx.coerce(conn).execute(_READ_COUNTER, key.params()).fetchone()
     if row is None:
         return None
     return CounterState(int(row[0]), int(row[1]), bool(row[2]))
 
 
 def apply_counter_deltas(
-    conn: Connection, deltas: Mapping[CounterKey, tuple[int, int]], now: datetime
+    tx: Tx, deltas: Mapping[CounterKey, tuple[int, int]], now: datetime
 ) -> dict[CounterKey, CounterState]:
     """Add ``(spent, reserved)`` deltas to each counter, in lock order; the states after."""
     after: dict[CounterKey, CounterState] = {}
     for key in sorted(deltas, key=lambda k: k.lock_order):
         spent, reserved = deltas[key]
         params = {**key.params(), "d_spent": spent, "d_reserved": reserved, "now": now}
-        row = conn.execute(_APPLY_DELTAS, params).first()
+        row = tx.execute(_APPLY_DELTAS, params).fetchone()
         if row is None:
-            # Spend landing in a window no reservation opened yet (a call that ran past midnight).
-            ensure_counter(conn, key, now)
-            row = conn.execute(_APPLY_DELTAS, params).one()
+            # The window's first spend (no reservation opened it: no limit, or past midnight).
+            ensure_counter(tx, key, now)
+            row = tx.execute(_APPLY_DELTAS, params).fetchone()
         after[key] = CounterState(int(row[0]), int(row[1]), bool(row[2]))
     return after
 
 
-def mark_soft_warned(conn: Connection, key: CounterKey) -> bool:
+def mark_soft_warned(tx: Tx, key: CounterKey) -> bool:
     """Flag the window as warned; True only for the one transaction that flipped the flag."""
-    return bool(conn.execute(_MARK_SOFT_WARNED, key.params()).rowcount == 1)
+    return bool(tx.execute(_MARK_SOFT_WARNED, key.params()).rowcount == 1)
 
 
 # -- reservations -----------------------------------------------------------------------------
@@ -224,9 +256,9 @@ class ReservationRow:
 
 
 def insert_reservation(
-    conn: Connection, row: ReservationRow, *, created_at: datetime, expires_at: datetime
+    tx: Tx, row: ReservationRow, *, created_at: datetime, expires_at: datetime
 ) -> None:
-    conn.execute(
+    tx.execute(
         _INSERT_RESERVATION,
         {
             "id": row.id,
@@ -240,9 +272,9 @@ def insert_reservation(
     )
 
 
-def delete_reservation(conn: Connection, reservation_id: str) -> bool:
+def delete_reservation(tx: Tx, reservation_id: str) -> bool:
     """Remove an open reservation; False if it was already gone (expired and reclaimed)."""
-    return bool(conn.execute(_DELETE_RESERVATION, {"r_id": reservation_id}).rowcount == 1)
+    return bool(tx.execute(_DELETE_RESERVATION, {"r_id": reservation_id}).rowcount == 1)
 
 
 def delete_expired_reservations(
@@ -290,6 +322,24 @@ def _override_row(row: Any) -> OverrideRow:
         updated_by=row.updated_by,
         updated_at=row.updated_at,
     )
+
+
+def read_override_limits(
+    tx: Tx, task_id: str | None, user_id: str | None
+) -> dict[tuple[BudgetScope, str], OverrideLimit]:
+    """The overrides that may apply to a call of this task and user, by (scope, subject)."""
+    rows = tx.execute(
+        _OVERRIDE_LIMITS, {"s_task": task_id or "", "s_user": user_id or "", "s_global": ""}
+    ).fetchall()
+    found: dict[tuple[BudgetScope, str], OverrideLimit] = {}
+    for scope, subject, limit_pico, threshold in rows:
+        if threshold is not None and not isinstance(threshold, Decimal):
+            threshold = Decimal(str(threshold))  # SQLite hands NUMERIC back as a float
+        found[(BudgetScope(scope), subject)] = OverrideLimit(
+            None if limit_pico is None else int(limit_pico),
+            None if threshold is None else threshold.normalize(),
+        )
+    return found
 
 
 def read_overrides(

@@ -16,11 +16,11 @@ Example (the seed's API)::
 
 from __future__ import annotations
 
-import functools
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import openai
@@ -28,12 +28,15 @@ from openai import AsyncStream, Stream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
-from sqlalchemy import Connection
 
+from app.core.prepared import Tx
 from app.core.runtime import Runtime, current_attempts, get_runtime
 from app.services import usage_queries
-from app.services.llm_tracking import CallContext, CallTracker, default_tracer
+from app.services.db_worker import DbWorker
+from app.services.llm_tracking import CallContext, CallTracker, Outcome, default_tracer
 from app.services.usage_record import UsageRecord
+
+T = TypeVar("T")
 
 
 class InvalidLLMRequest(ValueError):
@@ -46,9 +49,9 @@ class BudgetGuard(Protocol):
     def reserve(self, *, context: CallContext, model: str, request: Mapping[str, Any]) -> Any:
         """Return a reservation handle, or raise ``BudgetExceededError``."""
 
-    def settle(self, reservation: Any, record: UsageRecord, conn: Connection | None = None) -> None:
+    def settle(self, reservation: Any, record: UsageRecord, tx: Tx | None = None) -> None:
         """Replace the reservation with the call's real cost (0 when it failed), inside
-        ``conn``'s transaction when given (the usage row's), else in a transaction of its own."""
+        ``tx`` when given (the usage row's transaction), else in a transaction of its own."""
 
 
 def _validate_messages(messages: Any) -> list[Any]:
@@ -99,8 +102,9 @@ class _StreamState:
             if choice.finish_reason:
                 self.reasons[choice.index] = choice.finish_reason
 
-    def finish(self, tracker: CallTracker, *, partial: bool) -> UsageRecord | None:
-        return tracker.finish_success(
+    def outcome(self, tracker: CallTracker, *, partial: bool) -> Outcome | None:
+        return tracker.outcome(
+            tracker.success_outcome,
             usage=self.usage,
             response_model=self.model,
             response_id=self.response_id,
@@ -108,6 +112,11 @@ class _StreamState:
             output_text="".join(self.text),
             partial=partial,
             extra_flags=("stream_closed_early",) if partial else (),
+        )
+
+    def error_outcome(self, tracker: CallTracker, exc: BaseException) -> Outcome | None:
+        return tracker.outcome(
+            tracker.error_outcome, exc, partial_usage=self.usage, output_text="".join(self.text)
         )
 
 
@@ -165,22 +174,23 @@ class TrackedStream:
     def _finish(self, *, partial: bool) -> None:
         if not self._done:
             self._done = True
-            self._state.finish(self._tracker, partial=partial)
+            self._tracker.complete(self._state.outcome(self._tracker, partial=partial))
 
     def _fail(self, exc: BaseException) -> None:
         if not self._done:
             self._done = True
-            self._tracker.finish_error(
-                exc, partial_usage=self._state.usage, output_text="".join(self._state.text)
-            )
+            self._tracker.complete(self._state.error_outcome(self._tracker, exc))
 
 
 class AsyncTrackedStream:
     """The async twin of ``TrackedStream``."""
 
-    def __init__(self, stream: AsyncStream[ChatCompletionChunk], tracker: CallTracker) -> None:
+    def __init__(
+        self, stream: AsyncStream[ChatCompletionChunk], tracker: CallTracker, worker: DbWorker
+    ) -> None:
         self._stream = stream
         self._tracker = tracker
+        self._worker = worker
         self._state = _StreamState()
         self._done = False
 
@@ -215,22 +225,27 @@ class AsyncTrackedStream:
     async def _finish(self, *, partial: bool) -> None:
         if not self._done:
             self._done = True
-            await _in_thread(lambda: self._state.finish(self._tracker, partial=partial))
+            outcome = self._state.outcome(self._tracker, partial=partial)
+            await _complete(self._tracker, outcome, self._worker)
 
     async def _fail(self, exc: BaseException) -> None:
         if not self._done:
             self._done = True
-            text = "".join(self._state.text)
-            usage = self._state.usage
-            await _in_thread(
-                lambda: self._tracker.finish_error(exc, partial_usage=usage, output_text=text)
-            )
+            outcome = self._state.error_outcome(self._tracker, exc)
+            await _complete(self._tracker, outcome, self._worker)
 
 
-async def _in_thread(func: Callable[[], Any]) -> Any:
-    """Run blocking tracking work off the event loop, even if the caller is being cancelled."""
+async def _complete(tracker: CallTracker, outcome: Outcome | None, worker: DbWorker) -> None:
+    """Record the outcome off the event loop, even if the caller is being cancelled."""
     with anyio.CancelScope(shield=True):
-        return await anyio.to_thread.run_sync(func)
+        await tracker.complete_async(outcome, worker)
+
+
+async def _on_worker(worker: DbWorker, func: Callable[[], T]) -> T:
+    """Run blocking tracking work on the tracking thread, even if the caller is cancelled."""
+    with anyio.CancelScope(shield=True):
+        result = await asyncio.wrap_future(worker.call(func))
+    return result
 
 
 @dataclass
@@ -256,6 +271,7 @@ class _BaseLLMClient:
         self.agent = agent
         self._runtime = runtime
         self._tracer = tracer
+        self._fallback_tracer: Tracer | None = None
         self._budget = budget
 
     @property
@@ -270,6 +286,12 @@ class _BaseLLMClient:
             guard = self.runtime.extras.get("budget_guard")
             self._budget = guard if guard is not None else None
         return self._budget
+
+    def _default_tracer(self) -> Tracer:
+        # Resolved once per client: a tracer obtained before a provider is set delegates to it.
+        if self._fallback_tracer is None:
+            self._fallback_tracer = default_tracer()
+        return self._fallback_tracer
 
     def _context(self) -> CallContext:
         rt = self.runtime
@@ -295,7 +317,7 @@ class _BaseLLMClient:
         tracker = CallTracker(
             writer=rt.writer,
             price_book=rt.price_book,
-            tracer=self._tracer or default_tracer(),
+            tracer=self._tracer or self._default_tracer(),
             context=self._context(),
             model=model,
             request=kwargs,
@@ -450,9 +472,10 @@ class AsyncLLMClient(_BaseLLMClient):
     ) -> ChatCompletion | AsyncTrackedStream:
         prepared = self._prepare(messages, model, kwargs)
         tracker = prepared.tracker
+        worker = self.runtime.db_worker
         tracker.start()
         if self.budget is not None:
-            await _in_thread(lambda: self._reserve(prepared))
+            await _on_worker(worker, lambda: self._reserve(prepared))
         self._arm_settlement(prepared)
         token = current_attempts.set(tracker.attempts)
         try:
@@ -460,14 +483,14 @@ class AsyncLLMClient(_BaseLLMClient):
                 result: ChatCompletion | AsyncStream[ChatCompletionChunk]
                 result = await self.client.chat.completions.create(**prepared.kwargs)
         except BaseException as exc:
-            await _in_thread(functools.partial(tracker.finish_error, exc))
+            await _complete(tracker, tracker.outcome(tracker.error_outcome, exc), worker)
             raise
         finally:
             current_attempts.reset(token)
         if isinstance(result, AsyncStream):
-            return AsyncTrackedStream(result, tracker)
-        fields = _response_fields(result)
-        await _in_thread(lambda: tracker.finish_success(**fields))
+            return AsyncTrackedStream(result, tracker, worker)
+        outcome = tracker.outcome(tracker.success_outcome, **_response_fields(result))
+        await _complete(tracker, outcome, worker)
         return result
 
 

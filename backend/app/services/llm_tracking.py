@@ -8,19 +8,20 @@ the caller sees.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from sqlalchemy import Connection
 
 from app.core.money import usd_to_pico
+from app.core.prepared import Tx
 from app.core.redaction import safe_error_message
 from app.observability import (
     LLM_COST,
@@ -36,6 +37,9 @@ from app.observability import (
 from app.services.pricing import PriceBook, TokenUsage
 from app.services.usage_record import UsageRecord
 from app.services.usage_writer import UsageWriter
+
+if TYPE_CHECKING:
+    from app.services.db_worker import DbWorker
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +116,15 @@ def sanitize_usage(raw: Any) -> tuple[TokenUsage, list[str]]:
     return TokenUsage(prompt_n, completion_n, cached_n, reasoning_n), flags
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a call ended: its row, the span attributes it adds, the error it raised."""
+
+    record: UsageRecord
+    attrs: dict[str, Any]
+    error: BaseException | None
+
+
 @dataclass
 class CallTracker:
     """Tracks one logical call from before the request to its recorded row."""
@@ -130,7 +143,7 @@ class CallTracker:
     finished: bool = False
     # Settles the call's budget reservation with its final record: given the usage write's
     # connection it joins that transaction (one commit for both); given None it runs alone.
-    settle: Callable[[Connection | None, UsageRecord], None] | None = None
+    settle: Callable[[Tx | None, UsageRecord], None] | None = None
 
     def start(self) -> None:
         self.started = time.perf_counter()
@@ -185,7 +198,28 @@ class CallTracker:
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def finish_success(
+    def finish_success(self, **fields: Any) -> UsageRecord | None:
+        """Record a call that returned (``success_outcome``'s fields); never raises."""
+        return self.complete(self.outcome(self.success_outcome, **fields))
+
+    def finish_error(self, exc: BaseException, **fields: Any) -> UsageRecord | None:
+        """Record a call that failed (``error_outcome``'s fields); never raises."""
+        return self.complete(self.outcome(self.error_outcome, exc, **fields))
+
+    def finish_blocked(self, exc: BaseException) -> UsageRecord | None:
+        """Record a call its budget refused before it was made; never raises."""
+        return self.complete(self.outcome(self.blocked_outcome, exc))
+
+    def outcome(self, build: Callable[..., Outcome], *args: Any, **fields: Any) -> Outcome | None:
+        """``build(*args, **fields)``, or None (logged and counted) if tracking itself fails."""
+        try:
+            return build(*args, **fields)
+        except Exception:
+            TRACKING_ERRORS.labels("record").inc()
+            logger.exception("Could not build the usage record of %s", self.request_id)
+            return None
+
+    def success_outcome(
         self,
         *,
         usage: Any,
@@ -195,7 +229,7 @@ class CallTracker:
         output_text: str = "",
         partial: bool = False,
         extra_flags: Sequence[str] = (),
-    ) -> UsageRecord | None:
+    ) -> Outcome:
         tokens, flags = sanitize_usage(usage)
         estimated = False
         if "usage_missing" in flags:
@@ -225,11 +259,11 @@ class CallTracker:
             attrs["gen_ai.response.id"] = response_id
         if self.context.capture_content and output_text:
             attrs["gen_ai.output.messages"] = output_text
-        return self._complete(record, attrs, error=None)
+        return Outcome(record, attrs, None)
 
-    def finish_error(
+    def error_outcome(
         self, exc: BaseException, *, partial_usage: Any = None, output_text: str = ""
-    ) -> UsageRecord | None:
+    ) -> Outcome:
         tokens, flags = sanitize_usage(partial_usage)
         cost_pico, cost_status = 0, "priced"
         if partial_usage is not None:
@@ -255,9 +289,9 @@ class CallTracker:
             error_type=type(exc).__name__,
             error_message=safe_error_message(exc, self._error_secrets()),
         )
-        return self._complete(record, {}, error=exc)
+        return Outcome(record, {}, exc)
 
-    def finish_blocked(self, exc: BaseException) -> UsageRecord | None:
+    def blocked_outcome(self, exc: BaseException) -> Outcome:
         record = self._record(
             status="blocked",
             tokens=TokenUsage(),
@@ -266,7 +300,90 @@ class CallTracker:
             error_type=type(exc).__name__,
             error_message=safe_error_message(exc, self._error_secrets()),
         )
-        return self._complete(record, {}, error=exc)
+        return Outcome(record, {}, exc)
+
+    # -- completion: the row (and the budget's settlement), then metrics and the span ------
+
+    def complete(self, outcome: Outcome | None) -> UsageRecord | None:
+        """Persist the outcome's row in this thread, then observe it. Once per call."""
+        if not self._claim(outcome):
+            return None
+        assert outcome is not None
+        record, joined = outcome.record, self._joined_settle(outcome.record)
+        try:
+            settled = self.writer.write(record, also=joined).also_committed
+        except Exception:
+            TRACKING_ERRORS.labels("write").inc()
+            logger.exception("Could not persist or spool usage row %s", record.request_id)
+            settled = False
+        if self.settle is not None and not settled:
+            self._settle_alone(record)
+        self._observe_outcome(outcome)
+        return record
+
+    async def complete_async(self, outcome: Outcome | None, worker: DbWorker) -> UsageRecord | None:
+        """``complete`` for an event loop: the row goes through ``worker`` (batched with the
+        rows of concurrent calls); metrics and the span are done on the loop."""
+        if not self._claim(outcome):
+            return None
+        assert outcome is not None
+        record, joined = outcome.record, self._joined_settle(outcome.record)
+        try:
+            settled = (await asyncio.wrap_future(worker.write(record, joined))).also_committed
+        except Exception:
+            TRACKING_ERRORS.labels("write").inc()
+            logger.exception("Could not persist or spool usage row %s", record.request_id)
+            settled = False
+        if self.settle is not None and not settled:
+            await asyncio.wrap_future(worker.call(lambda: self._settle_alone(record)))
+        self._observe_outcome(outcome)
+        return record
+
+    def _claim(self, outcome: Outcome | None) -> bool:
+        if self.finished:
+            return False
+        self.finished = True
+        if outcome is None:
+            self._end_span_quietly()
+            return False
+        return True
+
+    def _joined_settle(self, record: UsageRecord) -> Callable[[Tx], None] | None:
+        settle = self.settle
+        if settle is None:
+            return None
+
+        def joined(tx: Tx) -> None:
+            settle(tx, record)
+
+        return joined
+
+    def _settle_alone(self, record: UsageRecord) -> None:
+        assert self.settle is not None
+        try:
+            self.settle(None, record)
+        except Exception:
+            TRACKING_ERRORS.labels("settle").inc()
+            logger.exception("Could not settle the budget reservation of %s", record.request_id)
+
+    def _observe_outcome(self, outcome: Outcome) -> None:
+        try:
+            self._observe(outcome.record)
+        except Exception:
+            TRACKING_ERRORS.labels("metrics").inc()
+            logger.exception("Could not update LLM metrics")
+        try:
+            self._end_span(outcome.record, outcome.attrs, outcome.error)
+        except Exception:
+            TRACKING_ERRORS.labels("span").inc()
+            logger.exception("Could not end the LLM span")
+
+    def _end_span_quietly(self) -> None:
+        try:
+            if self.span is not None:
+                self.span.end()
+        except Exception:
+            TRACKING_ERRORS.labels("span").inc()
 
     # -- internals ------------------------------------------------------------------------
 
@@ -314,43 +431,6 @@ class CallTracker:
             trace_id=trace_id,
             span_id=span_id,
         )
-
-    def _complete(
-        self, record: UsageRecord, attrs: dict[str, Any], error: BaseException | None
-    ) -> UsageRecord | None:
-        if self.finished:
-            return None
-        self.finished = True
-        settle = self.settle
-        settled = False
-        joined: Callable[[Connection], None] | None = None
-        if settle is not None:
-
-            def joined(conn: Connection) -> None:
-                settle(conn, record)
-
-        try:
-            settled = self.writer.write(record, also=joined).also_committed
-        except Exception:
-            TRACKING_ERRORS.labels("write").inc()
-            logger.exception("Could not persist or spool usage row %s", record.request_id)
-        if settle is not None and not settled:
-            try:
-                settle(None, record)
-            except Exception:
-                TRACKING_ERRORS.labels("settle").inc()
-                logger.exception("Could not settle the budget reservation of %s", record.request_id)
-        try:
-            self._observe(record)
-        except Exception:
-            TRACKING_ERRORS.labels("metrics").inc()
-            logger.exception("Could not update LLM metrics")
-        try:
-            self._end_span(record, attrs, error)
-        except Exception:
-            TRACKING_ERRORS.labels("span").inc()
-            logger.exception("Could not end the LLM span")
-        return record
 
     def _observe(self, record: UsageRecord) -> None:
         model = model_label(record.model)

@@ -12,7 +12,7 @@ incremented when the row itself was inserted, a replayed or repeated write never
 from __future__ import annotations
 
 import bisect
-import functools
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from app.core.prepared import Statement, Tx, dialect_insert, write_gate
 from app.models import LATENCY_BUCKETS_MS, LLMUsage, UsageRollupDaily
 from app.models_usage import UsageRollupDailyOverall
 from app.observability import USAGE_SPOOL_PENDING, USAGE_SPOOLED
@@ -45,34 +45,38 @@ def latency_bucket(latency_ms: float) -> int:
     return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
 
 
-@functools.cache
-def _statements(dialect: str) -> tuple[Any, Any, Any]:
-    """The three statements of a write, built once per dialect so SQLAlchemy's compiled cache
-    serves every later call (values travel as parameters, not as new statements)."""
-    insert: Any
-    if dialect == "postgresql":
-        insert = postgresql.insert
-    elif dialect == "sqlite":
-        insert = sqlite.insert
-    else:
-        raise NotImplementedError(f"Unsupported database dialect: {dialect}")
+def _add_row(dialect: str) -> Any:
     usage: Any = LLMUsage.__table__
-    add_row = (
-        insert(usage).on_conflict_do_nothing(index_elements=["request_id"]).returning(usage.c.id)
-    )
-    table: Any = UsageRollupDaily.__table__
-    rollup = insert(table)
-    add_to_rollup = rollup.on_conflict_do_update(
-        index_elements=list(_ROLLUP_KEY),
-        set_={name: table.c[name] + rollup.excluded[name] for name in _ROLLUP_SUMS},
-    )
-    overall: Any = UsageRollupDailyOverall.__table__
-    overall_insert = insert(overall)
-    add_to_overall = overall_insert.on_conflict_do_update(
-        index_elements=list(_OVERALL_KEY),
-        set_={name: overall.c[name] + overall_insert.excluded[name] for name in _ROLLUP_SUMS},
-    )
-    return add_row, add_to_rollup, add_to_overall
+    insert = dialect_insert(dialect)
+    return insert(usage).on_conflict_do_nothing(index_elements=["request_id"]).returning(usage.c.id)
+
+
+def _add_to(table: Any, key: tuple[str, ...]) -> Callable[[str], Any]:
+    def build(dialect: str) -> Any:
+        stmt = dialect_insert(dialect)(table)
+        return stmt.on_conflict_do_update(
+            index_elements=list(key),
+            set_={name: table.c[name] + stmt.excluded[name] for name in _ROLLUP_SUMS},
+        )
+
+    return build
+
+
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+ADD_ROW = Statement(_add_row, column_keys=[*_ROW_FIELDS, "total_tokens"])
+ADD_TO_ROLLUP = Statement(
+    _add_to(UsageRollupDaily.__table__, _ROLLUP_KEY), column_keys=[*_ROLLUP_KEY, *_ROLLUP_SUMS]
+)
+ADD_TO_OVERALL = Statement(
+    _add_to(UsageRollupDailyOverall.__table__, _OVERALL_KEY),
+    column_keys=[*_OVERALL_KEY, *_ROLLUP_SUMS],
+)
+
+
+def row_values(record: UsageRecord) -> dict[str, Any]:
+    values = {name: getattr(record, name) for name in _ROW_FIELDS}
+    values["total_tokens"] = record.total_tokens
+    return values
 
 
 def rollup_values(record: UsageRecord) -> dict[str, Any]:
@@ -101,18 +105,20 @@ def rollup_values(record: UsageRecord) -> dict[str, Any]:
     return values
 
 
-def insert_usage(conn: Connection, record: UsageRecord) -> bool:
-    """Insert the row and, only if it is new, add it to the rollup. True if inserted."""
-    add_row, add_to_rollup, add_to_overall = _statements(conn.dialect.name)
+def insert_usage(conn: Tx | Connection, record: UsageRecord) -> bool:
+    """Insert the row and, only if it is new, add it to the rollups. True if inserted.
+
+    Runs in the caller's transaction: a ``Tx`` of the write gate, or a SQLAlchemy connection.
+    """
+    tx = Tx.coerce(conn)
     # RETURNING tells whether the row was new; rowcount is not reliable here on every driver.
-    if conn.execute(add_row, record.row()).first() is None:
+    if tx.execute(ADD_ROW, row_values(record)).fetchone() is None:
         return False
     values = rollup_values(record)
-    conn.execute(add_to_rollup, values)
+    tx.execute(ADD_TO_ROLLUP, values)
     # Last: every writer of this (day, model, agent) updates the same row; its lock is held
     # from here to the commit, so as briefly as possible.
-    del values["user_id"], values["task_id"]
-    conn.execute(add_to_overall, values)
+    tx.execute(ADD_TO_OVERALL, values)
     return True
 
 
@@ -130,12 +136,11 @@ class UsageWriter:
 
     def __init__(self, engine: Engine, spool: UsageSpool) -> None:
         self.engine = engine
+        self.gate = write_gate(engine)
         self.spool = spool
         self._replay_lock = threading.Lock()
 
-    def write(
-        self, record: UsageRecord, also: Callable[[Connection], None] | None = None
-    ) -> WriteOutcome:
+    def write(self, record: UsageRecord, also: Callable[[Tx], None] | None = None) -> WriteOutcome:
         """Persist ``record``, or spool it when the database cannot take it.
 
         ``also`` joins the row's transaction (one commit for both: the budget settles there).
@@ -143,10 +148,10 @@ class UsageWriter:
         """
         for extra in (also, None) if also is not None else (None,):
             try:
-                with self.engine.begin() as conn:
-                    insert_usage(conn, record)
+                with self.gate.transaction() as tx:
+                    insert_usage(tx, record)
                     if extra is not None:
-                        extra(conn)
+                        extra(tx)
                 return WriteOutcome(persisted=True, also_committed=extra is not None)
             except (OperationalError, DBAPIError) as exc:
                 logger.warning("Could not write usage row %s: %s", record.request_id, exc)
@@ -158,9 +163,9 @@ class UsageWriter:
         return WriteOutcome(persisted=False, also_committed=False)
 
     def insert_batch(self, records: Iterable[UsageRecord]) -> None:
-        with self.engine.begin() as conn:
+        with self.gate.transaction() as tx:
             for record in records:
-                insert_usage(conn, record)
+                insert_usage(tx, record)
 
     def replay_spool(self) -> int:
         """Move spooled rows into the database; safe to call from several threads/processes."""

@@ -410,7 +410,7 @@ def test_a_dead_process_reservation_stops_blocking_once_expired(
 def test_sweep_releases_only_expired_reservations_and_a_late_settle_still_books_spend(
     budget_runtime: Callable[..., Runtime],
 ) -> None:
-    runtime = budget_runtime()
+    runtime = budget_runtime(budget_task_max_usd=Decimal(1))  # a limit: reservations are held
     clock = Clock(datetime.now(UTC))
     guard = DatabaseBudgetGuard(runtime.engine, runtime.settings, runtime.price_book, clock=clock)
     ctx = CallContext(task_id="t-sweep", user_id="erin")
@@ -428,6 +428,34 @@ def test_sweep_releases_only_expired_reservations_and_a_late_settle_still_books_
     late = UsageRecord(request_id="late", model=MODEL, status="success", cost_pico_usd=7)
     guard.settle(old, late)
     assert counter(runtime, BudgetScope.TASK, "t-sweep") == CounterState(7, cost, False)
+
+
+def test_a_call_nothing_limits_holds_no_reservation_yet_books_its_spend_everywhere(
+    budget_runtime: Callable[..., Runtime], sim: SimulatorServer
+) -> None:
+    runtime = budget_runtime()
+    script_exact_usage(sim)
+    cost = call_cost_pico()
+    client = LLMClient(task_id="t-free", user_id="gus", runtime=runtime)
+    guard = runtime.extras["budget_guard"]
+
+    context = CallContext(task_id="t-free", user_id="gus")
+    reservation = guard.reserve(context=context, model=MODEL, request=request_of())
+    assert not reservation.held and open_reservations(runtime) == 0
+    client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+
+    for scope, subject in (
+        (BudgetScope.TASK, "t-free"),
+        (BudgetScope.USER_DAILY, "gus"),
+        (BudgetScope.USER_MONTHLY, "gus"),
+        (BudgetScope.GLOBAL_DAILY, ""),
+    ):
+        assert counter(runtime, scope, subject) == CounterState(cost, 0, False), scope
+    # A limit set now counts what was spent before it: one more call would pass it.
+    set_limit(runtime, BudgetScope.TASK, "t-free", Decimal(cost * 3 // 2) / 10**12)
+    with pytest.raises(BudgetExceededError) as refused:
+        client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+    assert refused.value.scope == "task" and sim.state.stats()["requests"] == 1
 
 
 # -- windows ----------------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""The LLM call's hot-path SQL: Core statements compiled once, run on the DBAPI connection.
+
+Tracking a call writes a usage row, two rollup increments and the budget's counters. Executing a
+Core statement through a SQLAlchemy ``Connection`` costs ~100 µs of Python each on a slow
+machine (execution context, parameter and result processing, events): more than SQLite takes to
+run it, and most of what tracking added to a call. The statements are still built with
+SQLAlchemy Core from the models (one source of truth for the schema and for each dialect's
+syntax); ``Statement`` compiles each once per dialect and keeps its SQL text, parameter order
+and bind processors, and ``Tx`` runs it on the DBAPI cursor.
+
+``WriteGate.transaction()`` is the unit of work on a pooled DBAPI connection. On SQLite it also
+admits one writer of the process at a time: SQLite has a single writer, and a connection that
+finds the write lock taken sleeps in SQLite's busy handler (1, 2, 5, 10, ... ms) however soon
+the lock is free, whereas a Python lock wakes the next writer the moment the last one commits.
+Other processes still wait in the busy handler, up to ``SQLITE_BUSY_TIMEOUT_SECONDS``.
+
+DBAPI errors leave ``transaction()`` as SQLAlchemy's own exceptions (``OperationalError``,
+``IntegrityError``, ...), so callers handle one family of errors whichever path they use.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+Processor = Callable[[Any], Any]
+
+
+def dialect_insert(dialect: str) -> Any:
+    """The dialect's ``insert`` (with ``on_conflict_do_*``): the ledger runs on these two."""
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"Unsupported database dialect: {dialect}")
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """One statement's SQL for one dialect, and how to turn named values into its parameters."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Processor | None, ...]
+    positional: bool
+    # Values the statement carries itself (literals such as ``.values(flag=True)``), by name.
+    fixed: Mapping[str, Any]
+
+    def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        if self.fixed:
+            values = {**self.fixed, **values}
+        bound = [
+            values[name] if proc is None else proc(values[name])
+            for name, proc in zip(self.names, self.processors, strict=True)
+        ]
+        return bound if self.positional else dict(zip(self.names, bound, strict=True))
+
+
+class Statement:
+    """A Core statement compiled on first use for each dialect.
+
+    ``column_keys``: for an INSERT, the columns the values will name (all of them, always).
+    """
+
+    def __init__(
+        self,
+        build: Callable[[str], ClauseElement] | ClauseElement,
+        column_keys: Sequence[str] | None = None,
+    ) -> None:
+        self._build = build
+        self._column_keys = list(column_keys) if column_keys is not None else None
+        self._compiled: dict[str, Compiled] = {}
+        self._lock = threading.Lock()
+
+    def compiled(self, dialect: Dialect) -> Compiled:
+        try:
+            return self._compiled[dialect.name]
+        except KeyError:
+            pass
+        stmt = self._build(dialect.name) if callable(self._build) else self._build
+        compiled = cast(SQLCompiler, stmt.compile(dialect=dialect, column_keys=self._column_keys))
+        if any(bind.expanding for bind in compiled.binds.values()):
+            raise ValueError("expanding (IN-list) parameters cannot be precompiled")
+        positional = bool(dialect.positional)
+        names = tuple(compiled.positiontup or ()) if positional else tuple(compiled.binds)
+        processors = tuple(
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in names
+        )
+        fixed = {
+            name: bind.value
+            for name, bind in compiled.binds.items()
+            if not bind.required and bind.callable is None
+        }
+        result = Compiled(str(compiled), names, processors, positional, fixed)
+        with self._lock:
+            self._compiled[dialect.name] = result
+        return result
+
+
+class Tx:
+    """Statements run on one DBAPI connection, inside the transaction its owner manages."""
+
+    __slots__ = ("_cursor", "dialect")
+
+    def __init__(self, dbapi_connection: Any, dialect: Dialect) -> None:
+        self._cursor = dbapi_connection.cursor()
+        self.dialect = dialect
+
+    @classmethod
+    def of(cls, conn: Connection) -> Tx:
+        """Join a SQLAlchemy connection's transaction (the same DBAPI connection underneath)."""
+        return cls(conn.connection, conn.dialect)
+
+    @classmethod
+    def coerce(cls, conn: Tx | Connection) -> Tx:
+        return conn if isinstance(conn, Tx) else cls.of(conn)
+
+    def execute(self, stmt: Statement, values: Mapping[str, Any]) -> Any:
+        """Run ``stmt``; the DBAPI cursor (``rowcount``, ``fetchone()``)."""
+        compiled = stmt.compiled(self.dialect)
+        self._cursor.execute(compiled.sql, compiled.params(values))
+        return self._cursor
+
+    def close(self) -> None:
+        self._cursor.close()
+
+
+class WriteGate:
+    """Transactions on the engine's pooled DBAPI connections; one writer at a time on SQLite.
+
+    One per engine (``write_gate(engine)``), shared by every hot-path writer of the process.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._lock = threading.Lock() if self._sqlite else None
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Tx]:
+        """Commit when the block ends, roll back if it raises.
+
+        ``write=False`` for a block that only reads: it does not queue behind writers.
+        """
+        gate = self._lock if write and self._lock is not None else nullcontext()
+        with gate:
+            raw = self.engine.raw_connection()
+            tx: Tx | None = None
+            try:
+                tx = Tx(raw, self.dialect)
+                yield tx
+                tx.close()
+                raw.commit()
+            except BaseException as exc:
+                self._abort(raw, exc)
+                dbapi_error = self.dialect.loaded_dbapi.Error
+                if isinstance(exc, dbapi_error):
+                    raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+                raise
+            finally:
+                raw.close()  # back to the pool
+
+    def _abort(self, raw: Any, exc: BaseException) -> None:
+        try:
+            raw.rollback()
+        except Exception:
+            raw.invalidate(exc)  # a connection that cannot even roll back is not reused
+            return
+        if not self._sqlite and isinstance(exc, self.dialect.loaded_dbapi.Error):
+            # A failed PostgreSQL statement may mean a dead connection; a fresh one is cheap
+            # next to handing a broken one to the next call.
+            raw.invalidate(exc)
+
+
+_gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
+_gates_lock = threading.Lock()
+
+
+def write_gate(engine: Engine) -> WriteGate:
+    """The engine's ``WriteGate`` (created on first use)."""
+    with _gates_lock:
+        gate = _gates.get(engine)
+        if gate is None:
+            gate = _gates[engine] = WriteGate(engine)
+        return gate
