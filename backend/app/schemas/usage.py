@@ -98,7 +98,9 @@ class OverallUsageResponse(UsageBreakdowns):
 
 
 class DurationStats(BaseModel):
-    """Task durations in seconds; percentiles are exact (linear interpolation between ranks)."""
+    """Task durations in seconds. ``count``, ``avg`` and ``max`` are exact; the percentiles are
+    estimated from a daily duration histogram (linear interpolation inside the bucket holding
+    the rank, never above ``max``), accurate to the bucket's width."""
 
     count: int
     avg: float | None
@@ -118,7 +120,8 @@ class TaskCostStats(BaseModel):
 
 
 class TaskMetricsResponse(BaseModel):
-    """Finished tasks in the window, from the ``task_metrics`` rows the orchestrator writes."""
+    """Finished tasks in the window, from the daily rollup of the ``task_metrics`` rows the
+    orchestrator writes."""
 
     window: UsageWindow
     tasks: int = Field(description="Tasks that finished in the window (have a 'succeeded' row).")
