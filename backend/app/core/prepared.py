@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -138,9 +138,11 @@ class Tx:
 
 
 class WriteGate:
-    """Transactions on the engine's pooled DBAPI connections; one writer at a time on SQLite.
+    """Transactions on the engine's DBAPI connections; one writer at a time on SQLite.
 
-    One per engine (``write_gate(engine)``), shared by every hot-path writer of the process.
+    One per engine (``write_gate(engine)``), shared by every hot-path writer of the process. On
+    SQLite the writers take turns on one connection kept for them (no pool checkout, no reset
+    on return); reads and PostgreSQL use the engine's pool.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -148,6 +150,7 @@ class WriteGate:
         self.dialect = engine.dialect
         self._sqlite = engine.dialect.name == "sqlite"
         self._lock = threading.Lock() if self._sqlite else None
+        self._writer: Any = None  # SQLite: the writers' connection, checked out for good
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
@@ -155,23 +158,44 @@ class WriteGate:
 
         ``write=False`` for a block that only reads: it does not queue behind writers.
         """
-        gate = self._lock if write and self._lock is not None else nullcontext()
-        with gate:
-            raw = self.engine.raw_connection()
-            tx: Tx | None = None
-            try:
-                tx = Tx(raw, self.dialect)
-                yield tx
-                tx.close()
-                raw.commit()
-            except BaseException as exc:
-                self._abort(raw, exc)
-                dbapi_error = self.dialect.loaded_dbapi.Error
-                if isinstance(exc, dbapi_error):
-                    raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
-                raise
-            finally:
-                raw.close()  # back to the pool
+        if write and self._lock is not None:
+            with self._lock:
+                if self._writer is None:
+                    self._writer = self.engine.raw_connection()
+                try:
+                    yield from self._run(self._writer)
+                except BaseException:
+                    if self._writer is not None and not self._writer.is_valid:
+                        self._writer = None  # invalidated: the next writer connects afresh
+                    raise
+            return
+        raw = self.engine.raw_connection()
+        try:
+            yield from self._run(raw)
+        finally:
+            raw.close()  # back to the pool
+
+    def close(self) -> None:
+        """Give the writers' connection back to the pool (the engine's ``dispose`` closes it)."""
+        if self._lock is None:
+            return
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _run(self, raw: Any) -> Iterator[Tx]:
+        try:
+            tx = Tx(raw, self.dialect)
+            yield tx
+            tx.close()
+            raw.commit()
+        except BaseException as exc:
+            self._abort(raw, exc)
+            dbapi_error = self.dialect.loaded_dbapi.Error
+            if isinstance(exc, dbapi_error):
+                raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+            raise
 
     def _abort(self, raw: Any, exc: BaseException) -> None:
         try:

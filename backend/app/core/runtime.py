@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
 from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
+from app.core.prepared import write_gate
 from app.services.budgets import DatabaseBudgetGuard
 from app.services.db_worker import DbWorker
 from app.services.pricing import PriceBook
@@ -152,6 +153,7 @@ class Runtime:
             self.replayer.stop()
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        write_gate(self.engine).close()
         self.openai_client.close()
         self.engine.dispose()
         if self.simulator is not None:

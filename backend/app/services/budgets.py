@@ -45,6 +45,7 @@ expires (erring towards refusing), and its cost reaches the usage ledger but not
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -273,7 +274,7 @@ class DatabaseBudgetGuard:
         limit is configured.
         """
         now = self._clock()
-        amount = self.worst_case(model, request).cost_pico
+        amount = functools.cache(lambda: self.worst_case(model, request).cost_pico)
         try:
             self._sweep_if_due(now)
             try:
@@ -290,7 +291,9 @@ class DatabaseBudgetGuard:
             self._unavailable(exc)
             return None
 
-    def _reserve(self, context: CallContext, amount: int, now: datetime) -> Reservation:
+    def _reserve(
+        self, context: CallContext, worst_case: Callable[[], int], now: datetime
+    ) -> Reservation:
         day = now.date()
         keys = counter_keys(context.task_id, context.user_id, day)
         with self._gate.transaction(write=False) as tx:
@@ -300,6 +303,7 @@ class DatabaseBudgetGuard:
             # spend is still booked on every scope's counter when it settles, so a limit set
             # later in the window counts what was spent before it.
             return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
+        amount = worst_case()  # only now: a call nothing limits never needs it
         row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
         # Raising inside the block rolls back every scope's increment made before it.
         with self._gate.transaction() as tx:

@@ -8,6 +8,7 @@ lock at once (waiting out ``busy_timeout``) and never has to upgrade a read snap
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -25,6 +26,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -226,7 +228,14 @@ def apply_counter_deltas(
 ) -> dict[CounterKey, CounterState]:
     """Add ``(spent, reserved)`` deltas to each counter, in lock order; the states after."""
     after: dict[CounterKey, CounterState] = {}
+    if tx.dialect.name == "sqlite" and len(deltas) > 1 and len(set(deltas.values())) == 1:
+        # One statement for all of a call's counters (the usual settle: the same spend on its
+        # task, user and global windows). SQLite has one writer, so there is no lock order to
+        # keep; PostgreSQL takes the rows one by one, in order, below.
+        after = _apply_same_delta(tx, list(deltas), *next(iter(deltas.values())), now)
     for key in sorted(deltas, key=lambda k: k.lock_order):
+        if key in after:
+            continue
         spent, reserved = deltas[key]
         params = {**key.params(), "d_spent": spent, "d_reserved": reserved, "now": now}
         row = tx.execute(_APPLY_DELTAS, params).fetchone()
@@ -236,6 +245,48 @@ def apply_counter_deltas(
             row = tx.execute(_APPLY_DELTAS, params).fetchone()
         after[key] = CounterState(int(row[0]), int(row[1]), bool(row[2]))
     return after
+
+
+@functools.cache
+def _same_delta_statement(keys: int) -> Statement:
+    match = or_(
+        *(
+            and_(
+                _c.scope == bindparam(f"k{i}_scope"),
+                _c.subject_id == bindparam(f"k{i}_subject"),
+                _c.window_start == bindparam(f"k{i}_window"),
+            )
+            for i in range(keys)
+        )
+    )  # OR of keys, not a row-value IN: SQLite searches the primary key for each
+    return Statement(
+        update(_counter)
+        .where(match)
+        .values(
+            spent_pico_usd=_c.spent_pico_usd + bindparam("d_spent", type_=BigInteger),
+            reserved_pico_usd=_c.reserved_pico_usd + bindparam("d_reserved", type_=BigInteger),
+            updated_at=_NOW,
+        )
+        .returning(_c.scope, _c.subject_id, _c.window_start, *_COUNTER_STATE)
+    )
+
+
+def _apply_same_delta(
+    tx: Tx, keys: list[CounterKey], spent: int, reserved: int, now: datetime
+) -> dict[CounterKey, CounterState]:
+    """The counters that exist, updated in one statement; missing ones are left to the caller."""
+    params: dict[str, Any] = {"d_spent": spent, "d_reserved": reserved, "now": now}
+    by_row: dict[tuple[str, str, str], CounterKey] = {}
+    for i, key in enumerate(keys):
+        params[f"k{i}_scope"] = key.scope.value
+        params[f"k{i}_subject"] = key.subject_id
+        params[f"k{i}_window"] = key.window_start
+        by_row[(key.scope.value, key.subject_id, key.window_start.isoformat())] = key
+    rows = tx.execute(_same_delta_statement(len(keys)), params).fetchall()
+    return {
+        by_row[(scope, subject, str(window))]: CounterState(int(sp), int(rs), bool(warned))
+        for scope, subject, window, sp, rs, warned in rows
+    }
 
 
 def mark_soft_warned(tx: Tx, key: CounterKey) -> bool:
