@@ -63,7 +63,8 @@ def scope_status(
     conn = session.connection()
     key = _key(scope, subject_id, (now or utcnow()).date())
     override = store.read_overrides(conn, [(scope, subject_id)]).get(scope)
-    state = store.read_counter(conn, key) or store.CounterState()
+    # Where no limit has applied yet there is no counter: the ledger says what was spent.
+    state = store.read_counter(conn, key) or store.CounterState(store.ledger_spend(conn, key))
     is_task = scope is BudgetScope.TASK
     return ScopeStatus(
         scope=scope,

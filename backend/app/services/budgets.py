@@ -13,10 +13,18 @@ user can spend up to a day's limit just before midnight UTC and another just aft
 
 Limits come from the environment (``BUDGET_*``; unset = unlimited) unless an administrator set an
 override for the scope and subject through ``/api/v1/limits`` (an override may also be
-"unlimited"). Counters are kept for every scope whether or not it is limited, so a limit set in
-the middle of a window applies to what was already spent in it. A call that no scope limits
-reserves nothing: ``reserve`` only reads the overrides, and its spend is booked on the counters
-when it settles, in the usage row's transaction.
+"unlimited").
+
+Counters exist where limits apply. The first limited call of a window creates the counters of
+its scopes, each starting from what the ledger's daily rollups say was spent in that window
+(``budgets_store.seed_counters``), so a limit set in the middle of a window applies to what was
+already spent in it; from then on every settlement adds to the counters that exist, in the usage
+row's transaction. A call that no scope limits reserves nothing (``reserve`` only reads the
+overrides) and touches no counter row that does not exist: budgets cost it one read, and the
+global-day row is not a point every call must pass through unless a global cap is set. On
+PostgreSQL the seeding transaction first waits for the rollup writers in flight (``LOCK TABLE
+... IN SHARE MODE``), so a call's spend is either in the sum a counter starts from or added by
+its own settlement, never both, never neither.
 
 Before a call, ``DatabaseBudgetGuard.reserve`` computes the call's worst-case cost: estimated
 prompt tokens (``estimate_prompt_tokens``: 4 characters a token plus 4 per message, plus the tool
@@ -299,12 +307,32 @@ class DatabaseBudgetGuard:
         with self._gate.transaction(write=False) as tx:
             limits = resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
         if all(limit.limit_pico is None for limit in limits.values()):
-            # Nothing limits this call: no reservation to hold, no write before the call. The
-            # spend is still booked on every scope's counter when it settles, so a limit set
-            # later in the window counts what was spent before it.
+            # Nothing limits this call: no reservation to hold, no write before the call. Its
+            # spend reaches the ledger, where a counter made later starts from.
             return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
         amount = worst_case()  # only now: a call nothing limits never needs it
         row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
+        for _ in range(2):
+            try:
+                self._hold(row, keys, limits, now)
+                break
+            except store.CounterMissing:
+                # The first limited call of a window: make its counters from the ledger (in a
+                # transaction of its own, holding no counter row), then try again.
+                with self._gate.transaction() as tx:
+                    store.seed_counters(tx, keys, now)
+        else:
+            self._hold(row, keys, limits, now)
+        return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
+
+    def _hold(
+        self,
+        row: store.ReservationRow,
+        keys: list[CounterKey],
+        limits: Mapping[BudgetScope, Limit],
+        now: datetime,
+    ) -> None:
+        """Take the reservation on every counter of the call, or on none of them."""
         # Raising inside the block rolls back every scope's increment made before it.
         with self._gate.transaction() as tx:
             # The reservation row first: the transaction starts with a write (on SQLite it takes
@@ -313,10 +341,9 @@ class DatabaseBudgetGuard:
             store.insert_reservation(tx, row, created_at=now, expires_at=now + self._ttl)
             for key in keys:
                 limit = limits[key.scope].limit_pico
-                if not store.try_reserve(tx, key, amount, limit, now):
+                if not store.try_reserve(tx, key, row.amount_pico, limit, now):
                     state = store.read_counter(tx, key) or CounterState()
-                    raise self._exceeded(key, limit or 0, state, amount)
-        return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
+                    raise self._exceeded(key, limit or 0, state, row.amount_pico)
 
     @staticmethod
     def _exceeded(

@@ -11,33 +11,43 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Connection,
+    Date,
     DateTime,
+    Select,
+    String,
     Table,
     and_,
     bindparam,
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.core.prepared import Statement, Tx, dialect_insert
+from app.models import UsageRollupDaily
 from app.models_budget import BudgetCounter, BudgetLimitOverride, BudgetReservation
+from app.models_usage import UsageRollupDailyOverall
 
 _counter = cast(Table, BudgetCounter.__table__)
 _reservation = cast(Table, BudgetReservation.__table__)
 _override = cast(Table, BudgetLimitOverride.__table__)
+_rollup = cast(Table, UsageRollupDaily.__table__)
+_overall = cast(Table, UsageRollupDailyOverall.__table__)
 
 
 class BudgetScope(StrEnum):
@@ -77,6 +87,14 @@ class CounterState:
     spent_pico: int = 0
     reserved_pico: int = 0
     soft_warned: bool = False
+
+
+class CounterMissing(Exception):
+    """A reservation needs a counter row that does not exist yet (``seed_counters`` makes it)."""
+
+    def __init__(self, key: CounterKey) -> None:
+        super().__init__(f"no budget counter for {key}")
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +178,59 @@ _OVERRIDE_LIMITS = Statement(
         )
     )
 )
-_ENSURE_COUNTER = Statement(
-    lambda dialect: dialect_insert(dialect)(_counter).on_conflict_do_nothing(),
-    column_keys=[
+
+
+def _ledger_spend(scope: BudgetScope) -> Select[Any]:
+    """What the usage rollups say a scope's subject spent in the window starting ``k_window``
+    (ending before ``k_window_end``): the same ledger the usage API reads."""
+    subject, window = bindparam("k_subject", type_=String), bindparam("k_window", type_=Date)
+    if scope is BudgetScope.GLOBAL_DAILY:
+        return select(func.coalesce(func.sum(_overall.c.cost_pico_usd), 0)).where(
+            _overall.c.day == window
+        )
+    spend = select(func.coalesce(func.sum(_rollup.c.cost_pico_usd), 0))
+    if scope is BudgetScope.TASK:
+        return spend.where(_rollup.c.task_id == subject)
+    if scope is BudgetScope.USER_DAILY:
+        return spend.where(_rollup.c.user_id == subject, _rollup.c.day == window)
+    window_end = bindparam("k_window_end", type_=Date)
+    return spend.where(
+        _rollup.c.user_id == subject, _rollup.c.day >= window, _rollup.c.day < window_end
+    )
+
+
+def _seed_statement(scope: BudgetScope) -> Statement:
+    ledger = _ledger_spend(scope).scalar_subquery()
+    row = select(
+        bindparam("k_scope", type_=String),
+        bindparam("k_subject", type_=String),
+        bindparam("k_window", type_=Date),
+        ledger,
+        literal(0, BigInteger),
+        literal(False, Boolean),
+        _NOW,
+    )
+    columns = [
         "scope", "subject_id", "window_start", "spent_pico_usd", "reserved_pico_usd",
         "soft_warned", "updated_at",
-    ],
-)  # fmt: skip
+    ]  # fmt: skip
+    return Statement(
+        lambda dialect: (
+            dialect_insert(dialect)(_counter)
+            .from_select(columns, row.where(literal(True)))  # SQLite: INSERT..SELECT..ON CONFLICT
+            .on_conflict_do_nothing()
+        )
+    )
+
+
+_SEED_COUNTER = {scope: _seed_statement(scope) for scope in BudgetScope}
+_LEDGER_SPEND = {scope: Statement(_ledger_spend(scope)) for scope in BudgetScope}
+# Taken by a seeding transaction on PostgreSQL: it waits for every usage transaction that is
+# writing the rollups and holds new ones back until the counter exists, so a call's spend is
+# either in the sum the counter starts from or added to the counter by its own settlement.
+_HOLD_ROLLUP_WRITERS = Statement(
+    text("LOCK TABLE usage_rollup_daily, usage_rollup_daily_overall IN SHARE MODE")
+)
 
 
 # -- counters ---------------------------------------------------------------------------------
@@ -176,20 +240,30 @@ def _insert_ignore(conn: Connection, table: Any) -> postgresql.Insert | sqlite.I
     return cast(postgresql.Insert | sqlite.Insert, dialect_insert(conn.dialect.name)(table))
 
 
-def ensure_counter(tx: Tx, key: CounterKey, now: datetime) -> None:
-    """Create the counter row at zero unless it exists (a concurrent creator wins quietly)."""
-    tx.execute(
-        _ENSURE_COUNTER,
-        {
-            "scope": key.scope.value,
-            "subject_id": key.subject_id,
-            "window_start": key.window_start,
-            "spent_pico_usd": 0,
-            "reserved_pico_usd": 0,
-            "soft_warned": False,
-            "updated_at": now,
-        },
-    )
+def _window_params(key: CounterKey) -> dict[str, Any]:
+    params = key.params()
+    if key.scope is BudgetScope.USER_MONTHLY:
+        start = key.window_start
+        params["k_window_end"] = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return params
+
+
+def seed_counters(tx: Tx, keys: Iterable[CounterKey], now: datetime) -> list[CounterKey]:
+    """Create the missing counters among ``keys``, each starting from what the ledger says was
+    spent in its window; the keys created. Run in a transaction of its own, before any counter
+    row is locked (on PostgreSQL it first waits for the rollup writers in flight)."""
+    missing = [key for key in keys if read_counter(tx, key) is None]
+    if missing and tx.dialect.name == "postgresql":
+        tx.execute(_HOLD_ROLLUP_WRITERS, {})
+    for key in missing:
+        tx.execute(_SEED_COUNTER[key.scope], {**_window_params(key), "now": now})
+    return missing
+
+
+def ledger_spend(conn: Tx | Connection, key: CounterKey) -> int:
+    """What the ledger says ``key``'s subject spent in its window (for scopes with no counter)."""
+    row = Tx.coerce(conn).execute(_LEDGER_SPEND[key.scope], _window_params(key)).fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def try_reserve(
@@ -210,10 +284,9 @@ def try_reserve(
         del params["cap"]
     if tx.execute(stmt, params).rowcount == 1:
         return True
-    # No row matched: over the limit, or no row yet (perhaps created by another transaction
-    # since). Make sure it exists, then the second UPDATE's answer is final.
-    ensure_counter(tx, key, now)
-    return bool(tx.execute(stmt, params).rowcount == 1)
+    if read_counter(tx, key) is None:
+        raise CounterMissing(key)
+    return False
 
 
 def read_counter(conn: Tx | Connection, key: CounterKey) -> CounterState | None:
@@ -232,18 +305,13 @@ def apply_counter_deltas(
         # One statement for all of a call's counters (the usual settle: the same spend on its
         # task, user and global windows). SQLite has one writer, so there is no lock order to
         # keep; PostgreSQL takes the rows one by one, in order, below.
-        after = _apply_same_delta(tx, list(deltas), *next(iter(deltas.values())), now)
+        return _apply_same_delta(tx, list(deltas), *next(iter(deltas.values())), now)
     for key in sorted(deltas, key=lambda k: k.lock_order):
-        if key in after:
-            continue
         spent, reserved = deltas[key]
         params = {**key.params(), "d_spent": spent, "d_reserved": reserved, "now": now}
         row = tx.execute(_APPLY_DELTAS, params).fetchone()
-        if row is None:
-            # The window's first spend (no reservation opened it: no limit, or past midnight).
-            ensure_counter(tx, key, now)
-            row = tx.execute(_APPLY_DELTAS, params).fetchone()
-        after[key] = CounterState(int(row[0]), int(row[1]), bool(row[2]))
+        if row is not None:  # no counter: nothing limits that window yet; the ledger has it
+            after[key] = CounterState(int(row[0]), int(row[1]), bool(row[2]))
     return after
 
 
@@ -274,7 +342,7 @@ def _same_delta_statement(keys: int) -> Statement:
 def _apply_same_delta(
     tx: Tx, keys: list[CounterKey], spent: int, reserved: int, now: datetime
 ) -> dict[CounterKey, CounterState]:
-    """The counters that exist, updated in one statement; missing ones are left to the caller."""
+    """The counters that exist, updated in one statement."""
     params: dict[str, Any] = {"d_spent": spent, "d_reserved": reserved, "now": now}
     by_row: dict[tuple[str, str, str], CounterKey] = {}
     for i, key in enumerate(keys):

@@ -276,7 +276,7 @@ async def test_cancelled_async_call_releases_its_reservation(
 def test_cost_above_the_reservation_is_booked_in_full(
     budget_runtime: Callable[..., Runtime], sim: SimulatorServer
 ) -> None:
-    runtime = budget_runtime()
+    runtime = budget_runtime(budget_task_max_usd=Decimal(1))  # a limit: the task has a counter
     script_exact_usage(sim, extra_prompt_tokens=1000)
 
     LLMClient(task_id="t-over", runtime=runtime).chat_completion(
@@ -430,7 +430,7 @@ def test_sweep_releases_only_expired_reservations_and_a_late_settle_still_books_
     assert counter(runtime, BudgetScope.TASK, "t-sweep") == CounterState(7, cost, False)
 
 
-def test_a_call_nothing_limits_holds_no_reservation_yet_books_its_spend_everywhere(
+def test_a_call_nothing_limits_touches_no_counter_and_a_later_limit_counts_its_spend(
     budget_runtime: Callable[..., Runtime], sim: SimulatorServer
 ) -> None:
     runtime = budget_runtime()
@@ -444,18 +444,46 @@ def test_a_call_nothing_limits_holds_no_reservation_yet_books_its_spend_everywhe
     assert not reservation.held and open_reservations(runtime) == 0
     client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
 
-    for scope, subject in (
-        (BudgetScope.TASK, "t-free"),
-        (BudgetScope.USER_DAILY, "gus"),
-        (BudgetScope.USER_MONTHLY, "gus"),
-        (BudgetScope.GLOBAL_DAILY, ""),
-    ):
-        assert counter(runtime, scope, subject) == CounterState(cost, 0, False), scope
+    with runtime.engine.connect() as conn:
+        for key in counter_keys("t-free", "gus", TODAY):
+            assert budgets_store.read_counter(conn, key) is None, key
+    # What the limits API shows comes from the ledger until a counter exists.
+    with runtime.session_factory() as session:
+        daily, monthly = budget_limits.user_status(session, runtime.settings, "gus")
+    assert (daily.spent_pico, monthly.spent_pico) == (cost, cost)
     # A limit set now counts what was spent before it: one more call would pass it.
     set_limit(runtime, BudgetScope.TASK, "t-free", Decimal(cost * 3 // 2) / 10**12)
     with pytest.raises(BudgetExceededError) as refused:
         client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
     assert refused.value.scope == "task" and sim.state.stats()["requests"] == 1
+    assert counter(runtime, BudgetScope.TASK, "t-free") == CounterState(cost, 0, False)
+
+
+def test_a_counter_made_while_calls_run_counts_each_call_exactly_once(
+    budget_runtime: Callable[..., Runtime], sim: SimulatorServer
+) -> None:
+    # 40 unlimited calls of one user run while another thread sets that user a daily limit and
+    # makes calls under it: the counter starts from the ledger while rows keep landing. Every
+    # call's spend must end up in the counter once: the seeding holds back the rollup writers
+    # (PostgreSQL) or shares SQLite's single writer.
+    cost = call_cost_pico()
+    runtime = budget_runtime()
+    script_exact_usage(sim)
+
+    def free_call(i: int) -> None:
+        LLMClient(task_id=f"t-seed-{i}", user_id="hana", runtime=runtime).chat_completion(
+            messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        running = [pool.submit(free_call, i) for i in range(40)]
+        set_limit(runtime, BudgetScope.USER_DAILY, "hana", Decimal(1000))
+        limited = [pool.submit(free_call, 100 + i) for i in range(10)]
+        for future in [*running, *limited]:
+            future.result()
+
+    assert counter(runtime, BudgetScope.USER_DAILY, "hana") == CounterState(50 * cost, 0, False)
+    assert open_reservations(runtime) == 0
 
 
 # -- windows ----------------------------------------------------------------------------------
@@ -464,27 +492,46 @@ def test_a_call_nothing_limits_holds_no_reservation_yet_books_its_spend_everywhe
 def test_a_call_running_past_midnight_is_spent_in_the_day_the_ledger_books_it(
     budget_runtime: Callable[..., Runtime],
 ) -> None:
-    runtime = budget_runtime()
+    runtime = budget_runtime(  # limits on every scope: the reservation is held on each
+        budget_task_max_usd=Decimal(1),
+        budget_user_daily_usd=Decimal(1),
+        budget_user_monthly_usd=Decimal(1),
+        budget_global_daily_usd=Decimal(1),
+    )
     clock = Clock(datetime(2031, 1, 31, 23, 59, 59, tzinfo=UTC))
     guard = DatabaseBudgetGuard(runtime.engine, runtime.settings, runtime.price_book, clock=clock)
-    reservation = guard.reserve(
-        context=CallContext(task_id="t-night", user_id="frank"), model=MODEL, request=request_of()
-    )
+    context = CallContext(task_id="t-night", user_id="frank")
+    reservation = guard.reserve(context=context, model=MODEL, request=request_of())
     assert isinstance(reservation, Reservation)
     clock.now = datetime(2031, 2, 1, 0, 0, 5, tzinfo=UTC)
     record = UsageRecord(
-        request_id="night", model=MODEL, status="success", cost_pico_usd=42, timestamp=clock.now
+        request_id="night",
+        model=MODEL,
+        status="success",
+        task_id="t-night",
+        user_id="frank",
+        cost_pico_usd=42,
+        timestamp=clock.now,
     )
 
-    guard.settle(reservation, record)
+    # As the client does it: the row and the settlement in one transaction.
+    assert runtime.writer.write(record, also=lambda tx: guard.settle(reservation, record, tx))
 
     jan31, feb1 = date(2031, 1, 31), date(2031, 2, 1)
     assert counter(runtime, BudgetScope.USER_DAILY, "frank", jan31) == CounterState(0, 0, False)
     assert counter(runtime, BudgetScope.USER_MONTHLY, "frank", jan31) == CounterState(0, 0, False)
-    assert counter(runtime, BudgetScope.USER_DAILY, "frank", feb1) == CounterState(42, 0, False)
-    assert counter(runtime, BudgetScope.USER_MONTHLY, "frank", feb1) == CounterState(42, 0, False)
-    assert counter(runtime, BudgetScope.GLOBAL_DAILY, "", feb1) == CounterState(42, 0, False)
     assert counter(runtime, BudgetScope.TASK, "t-night") == CounterState(42, 0, False)
+    # February's counters do not exist yet; the first reservation there starts them from the
+    # ledger, which booked the call on February 1st.
+    held = guard.reserve(context=context, model=MODEL, request=request_of())
+    assert isinstance(held, Reservation)
+    for scope, subject in (
+        (BudgetScope.USER_DAILY, "frank"),
+        (BudgetScope.USER_MONTHLY, "frank"),
+        (BudgetScope.GLOBAL_DAILY, ""),
+    ):
+        state = counter(runtime, scope, subject, feb1)
+        assert (state.spent_pico, state.reserved_pico) == (42, held.amount_pico), scope
 
 
 def test_worst_case_takes_max_completion_tokens_times_n_and_the_default_cap() -> None:
