@@ -87,10 +87,10 @@ LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("llm_requests_total", "status"): frozenset({"success", "error", "blocked"}),
     ("llm_tokens_total", "token_type"): frozenset({"prompt", "completion", "cached", "reasoning"}),
     ("llm_budget_blocked_total", "scope"): frozenset(
-        {"task", "user_day", "user_month", "global_day"}
+        {"task", "user_daily", "user_monthly", "global_daily"}
     ),
     ("llm_budget_soft_limit_total", "scope"): frozenset(
-        {"task", "user_day", "user_month", "global_day"}
+        {"task", "user_daily", "user_monthly", "global_daily"}
     ),
     ("task_success_total", "status"): frozenset(
         {"succeeded", "failed", "budget_exceeded", "cancelled", "error"}
