@@ -151,6 +151,8 @@ class WriteGate:
         self._sqlite = engine.dialect.name == "sqlite"
         self._lock = threading.Lock() if self._sqlite else None
         self._writer: Any = None  # SQLite: the writers' connection, checked out for good
+        self._reader: Any = None  # SQLite: the connection of ``local_read``
+        self._reader_lock = threading.Lock()
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
@@ -175,14 +177,37 @@ class WriteGate:
         finally:
             raw.close()  # back to the pool
 
+    @contextmanager
+    def local_read(self) -> Iterator[Tx | None]:
+        """A read that never waits (an event loop may run it); None where there is none.
+
+        SQLite only: a WAL reader never waits for writers, and the connection is kept for this
+        (no pool checkout that could wait). None on PostgreSQL (a network round trip) and when
+        another thread is using the connection at that moment.
+        """
+        if self._lock is None or not self._reader_lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            if self._reader is None:
+                self._reader = self.engine.raw_connection()
+            yield from self._run(self._reader)
+        except BaseException:
+            if self._reader is not None and not self._reader.is_valid:
+                self._reader = None
+            raise
+        finally:
+            self._reader_lock.release()
+
     def close(self) -> None:
-        """Give the writers' connection back to the pool (the engine's ``dispose`` closes it)."""
+        """Give the kept connections back to the pool (the engine's ``dispose`` closes them)."""
         if self._lock is None:
             return
-        with self._lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+        with self._lock, self._reader_lock:
+            for raw in (self._writer, self._reader):
+                if raw is not None:
+                    raw.close()
+            self._writer = self._reader = None
 
     def _run(self, raw: Any) -> Iterator[Tx]:
         try:

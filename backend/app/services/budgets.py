@@ -63,7 +63,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -299,13 +299,49 @@ class DatabaseBudgetGuard:
             self._unavailable(exc)
             return None
 
+    def reserve_nowait(self, *, context: CallContext) -> Reservation | None:
+        """The (empty) reservation of a call that no scope limits, when a read that never waits
+        can tell (SQLite); None otherwise: then ``reserve`` decides.
+
+        For event loops: the common case, nothing limited, costs no thread hop.
+        """
+        day = self._clock().date()
+        keys = counter_keys(context.task_id, context.user_id, day)
+        try:
+            limits = self._limits(context, keys, wait=False)
+        except SQLAlchemyError:
+            return None  # ``reserve`` will say whether calls may go ahead
+        if limits is None or any(limit.limit_pico is not None for limit in limits.values()):
+            return None
+        return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
+
+    @overload
+    def _limits(self, context: CallContext, keys: list[CounterKey]) -> dict[BudgetScope, Limit]: ...
+
+    @overload
+    def _limits(
+        self, context: CallContext, keys: list[CounterKey], *, wait: bool
+    ) -> dict[BudgetScope, Limit] | None: ...
+
+    def _limits(
+        self, context: CallContext, keys: list[CounterKey], *, wait: bool = True
+    ) -> dict[BudgetScope, Limit] | None:
+        """The call's limits, read on the kept local connection when free, else (``wait``)
+        on one from the pool; None when it would have to wait and ``wait`` is False."""
+        with self._gate.local_read() as tx:
+            if tx is not None:
+                return resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
+        if not wait:
+            return None
+        with self._gate.transaction(write=False) as tx:
+            return resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
+
     def _reserve(
         self, context: CallContext, worst_case: Callable[[], int], now: datetime
     ) -> Reservation:
         day = now.date()
         keys = counter_keys(context.task_id, context.user_id, day)
-        with self._gate.transaction(write=False) as tx:
-            limits = resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
+        limits = self._limits(context, keys)
         if all(limit.limit_pico is None for limit in limits.values()):
             # Nothing limits this call: no reservation to hold, no write before the call. Its
             # spend reaches the ledger, where a counter made later starts from.

@@ -340,6 +340,17 @@ class _BaseLLMClient:
             prepared.tracker.finish_blocked(exc)
             raise
 
+    def _reserve_nowait(self, prepared: _Prepared) -> bool:
+        """Reserve without blocking when the guard can (nothing limits the call); True if so."""
+        nowait = getattr(self.budget, "reserve_nowait", None)
+        if nowait is None:
+            return False
+        try:
+            prepared.reservation = nowait(context=prepared.tracker.context)
+        except Exception:
+            return False  # the blocking path decides, and records a refusal
+        return prepared.reservation is not None
+
     def _arm_settlement(self, prepared: _Prepared) -> None:
         """Have the tracker settle the reservation with the call's final record."""
         guard, reservation = self.budget, prepared.reservation
@@ -474,7 +485,7 @@ class AsyncLLMClient(_BaseLLMClient):
         tracker = prepared.tracker
         worker = self.runtime.db_worker
         tracker.start()
-        if self.budget is not None:
+        if self.budget is not None and not self._reserve_nowait(prepared):
             await _on_worker(worker, lambda: self._reserve(prepared))
         self._arm_settlement(prepared)
         token = current_attempts.set(tracker.attempts)

@@ -459,6 +459,23 @@ def test_a_call_nothing_limits_touches_no_counter_and_a_later_limit_counts_its_s
     assert counter(runtime, BudgetScope.TASK, "t-free") == CounterState(cost, 0, False)
 
 
+def test_an_event_loop_learns_without_waiting_only_that_nothing_limits_a_call(
+    budget_runtime: Callable[..., Runtime],
+) -> None:
+    runtime = budget_runtime()
+    guard = runtime.extras["budget_guard"]
+    context = CallContext(task_id="t-loop", user_id="ivy")
+    local = runtime.engine.dialect.name == "sqlite"  # PostgreSQL is a round trip: never inline
+
+    free = guard.reserve_nowait(context=context)
+    set_limit(runtime, BudgetScope.USER_MONTHLY, "ivy", Decimal(5))
+    limited = guard.reserve_nowait(context=context)
+
+    assert (free is not None and not free.held) if local else free is None
+    assert limited is None  # a limit applies: ``reserve`` must take the reservation
+    assert open_reservations(runtime) == 0
+
+
 def test_a_counter_made_while_calls_run_counts_each_call_exactly_once(
     budget_runtime: Callable[..., Runtime], sim: SimulatorServer
 ) -> None:
