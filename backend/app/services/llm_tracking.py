@@ -147,6 +147,8 @@ class CallTracker:
 
     def start(self) -> None:
         self.started = time.perf_counter()
+        if _is_noop(self.tracer):
+            return  # tracing is off: no span to build attributes for
         try:
             self.span = self.tracer.start_span(
                 f"chat {self.model}", kind=SpanKind.CLIENT, attributes=self._request_attributes()
@@ -516,6 +518,15 @@ def _json_or_str(value: Any) -> str:
         return json.dumps(value, default=str)
     except (TypeError, ValueError):
         return str(value)
+
+
+def _is_noop(tracer: Tracer) -> bool:
+    """True for a tracer that can only ever make invalid, non-recording spans."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return True
+    return isinstance(tracer, trace.ProxyTracer) and isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider
+    )
 
 
 def default_tracer() -> Tracer:
