@@ -163,7 +163,7 @@ class WriteGate:
         if write and self._lock is not None:
             with self._lock:
                 if self._writer is None:
-                    self._writer = self.engine.raw_connection()
+                    self._writer = self._connect()
                 try:
                     yield from self._run(self._writer)
                 except BaseException:
@@ -171,7 +171,7 @@ class WriteGate:
                         self._writer = None  # invalidated: the next writer connects afresh
                     raise
             return
-        raw = self.engine.raw_connection()
+        raw = self._connect()
         try:
             yield from self._run(raw)
         finally:
@@ -190,7 +190,7 @@ class WriteGate:
             return
         try:
             if self._reader is None:
-                self._reader = self.engine.raw_connection()
+                self._reader = self._connect()
             yield from self._run(self._reader)
         except BaseException:
             if self._reader is not None and not self._reader.is_valid:
@@ -208,6 +208,13 @@ class WriteGate:
                 if raw is not None:
                     raw.close()
             self._writer = self._reader = None
+
+    def _connect(self) -> Any:
+        dbapi_error = self.dialect.loaded_dbapi.Error
+        try:
+            return self.engine.raw_connection()
+        except dbapi_error as exc:  # unreachable database: SQLAlchemy's error, like every path
+            raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
 
     def _run(self, raw: Any) -> Iterator[Tx]:
         try:

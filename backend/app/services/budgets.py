@@ -170,12 +170,27 @@ def effective_limit(
     return Limit(default, threshold, "none" if default is None else "default")
 
 
+def default_limits(settings: Settings) -> dict[BudgetScope, Limit]:
+    """The environment's limit of each scope."""
+    return {scope: effective_limit(settings, scope, None) for scope in BudgetScope}
+
+
 def resolve_limits(
-    tx: Tx, settings: Settings, task_id: str | None, user_id: str | None, keys: list[CounterKey]
+    tx: Tx,
+    settings: Settings,
+    task_id: str | None,
+    user_id: str | None,
+    keys: list[CounterKey],
+    defaults: Mapping[BudgetScope, Limit],
 ) -> dict[BudgetScope, Limit]:
+    """Each key's limit: its override if an administrator set one, else ``defaults``."""
     overrides = store.read_override_limits(tx, task_id, user_id)
     return {
-        k.scope: effective_limit(settings, k.scope, overrides.get((k.scope, k.subject_id)))
+        k.scope: (
+            defaults[k.scope]
+            if (override := overrides.get((k.scope, k.subject_id))) is None
+            else effective_limit(settings, k.scope, override)
+        )
         for k in keys
     }
 
@@ -262,6 +277,7 @@ class DatabaseBudgetGuard:
         self._engine = engine
         self._gate = write_gate(engine)
         self._settings = settings
+        self._defaults = default_limits(settings)
         self._price_book = price_book
         self._clock = clock
         self._ttl = timedelta(seconds=settings.budget_reservation_ttl_seconds)
@@ -284,7 +300,6 @@ class DatabaseBudgetGuard:
         now = self._clock()
         amount = functools.cache(lambda: self.worst_case(model, request).cost_pico)
         try:
-            self._sweep_if_due(now)
             try:
                 return self._reserve(context, amount, now)
             except BudgetExceededError:
@@ -330,11 +345,15 @@ class DatabaseBudgetGuard:
         on one from the pool; None when it would have to wait and ``wait`` is False."""
         with self._gate.local_read() as tx:
             if tx is not None:
-                return resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
+                return resolve_limits(
+                    tx, self._settings, context.task_id, context.user_id, keys, self._defaults
+                )
         if not wait:
             return None
         with self._gate.transaction(write=False) as tx:
-            return resolve_limits(tx, self._settings, context.task_id, context.user_id, keys)
+            return resolve_limits(
+                tx, self._settings, context.task_id, context.user_id, keys, self._defaults
+            )
 
     def _reserve(
         self, context: CallContext, worst_case: Callable[[], int], now: datetime
@@ -346,6 +365,7 @@ class DatabaseBudgetGuard:
             # Nothing limits this call: no reservation to hold, no write before the call. Its
             # spend reaches the ledger, where a counter made later starts from.
             return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
+        self._sweep_if_due(now)  # reclaim what dead processes held, before taking more
         amount = worst_case()  # only now: a call nothing limits never needs it
         row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
         for _ in range(2):

@@ -254,7 +254,10 @@ class CallTracker:
             partial=partial,
             flags=flags,
         )
-        attrs: dict[str, Any] = {"gen_ai.response.finish_reasons": list(finish_reasons)}
+        attrs: dict[str, Any] = {}
+        if self.span is None:
+            return Outcome(record, attrs, None)  # no span to describe the response on
+        attrs["gen_ai.response.finish_reasons"] = list(finish_reasons)
         if response_model:
             attrs["gen_ai.response.model"] = response_model
         if response_id:
