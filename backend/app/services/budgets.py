@@ -18,13 +18,14 @@ override for the scope and subject through ``/api/v1/limits`` (an override may a
 Counters exist where limits apply. The first limited call of a window creates the counters of
 its scopes, each starting from what the ledger's daily rollups say was spent in that window
 (``budgets_store.seed_counters``), so a limit set in the middle of a window applies to what was
-already spent in it; from then on every settlement adds to the counters that exist, in the usage
-row's transaction. A call that no scope limits reserves nothing (``reserve`` only reads the
-overrides) and touches no counter row that does not exist: budgets cost it one read, and the
-global-day row is not a point every call must pass through unless a global cap is set. On
-PostgreSQL the seeding transaction first waits for the rollup writers in flight (``LOCK TABLE
-... IN SHARE MODE``), so a call's spend is either in the sum a counter starts from or added by
-its own settlement, never both, never neither.
+already spent in it. From then on the ledger keeps them: inserting a usage row adds its cost to
+the counters of its windows that exist (a trigger, Alembic revision 0005), in the row's own
+transaction, whatever wrote the row (a call, the spool replayed after an outage). A call that no
+scope limits reserves nothing (``reserve`` only reads the overrides) and runs no budget code
+after the call: budgets cost it one read, and the global-day row is not a point every call must
+pass through unless a global cap is set. On PostgreSQL the seeding transaction first waits for
+the ledger writers in flight (``LOCK TABLE ... IN SHARE MODE``), so a call's spend is either in
+the sum a counter starts from or added by the trigger, never both, never neither.
 
 Before a call, ``DatabaseBudgetGuard.reserve`` computes the call's worst-case cost: estimated
 prompt tokens (``estimate_prompt_tokens``: 4 characters a token plus 4 per message, plus the tool
@@ -425,16 +426,17 @@ class DatabaseBudgetGuard:
         logger.warning("Budget store failed; the call goes ahead unmetered: %s", exc)
 
     def settle(self, reservation: Reservation, record: UsageRecord, tx: Tx | None = None) -> None:
-        """Replace the reservation with the call's recorded cost.
+        """Release the reservation now that the call's row is (being) written.
 
         Inside ``tx`` when given (the client passes the usage row's transaction, so the ledger
         and the counters commit together), else in a transaction of its own. The spend is
-        booked in the UTC day (and month) of the record, as the usage ledger books it; the
-        reservation is released from the windows it was taken in, unless a sweep already
-        reclaimed it.
+        booked by the ledger itself when the row is inserted, in the UTC day (and month) of the
+        record, on every counter that exists; the reservation is released from the windows it
+        was taken in, unless a sweep already reclaimed it. Soft limits are checked on the
+        counters' states after both.
         """
-        if not reservation.held and record.cost_pico_usd <= 0:
-            return  # nothing reserved, nothing spent
+        if not reservation.held:
+            return  # nothing reserved; the ledger books the spend
         if tx is None:
             with self._gate.transaction() as own:
                 released, after, warned = self._settle_on(own, reservation, record)
@@ -452,21 +454,14 @@ class DatabaseBudgetGuard:
     def _settle_on(
         self, tx: Tx, reservation: Reservation, record: UsageRecord
     ) -> tuple[bool, dict[CounterKey, CounterState], list[CounterKey]]:
-        now = self._clock()
-        actual = max(record.cost_pico_usd, 0)
-        spend_day = record.timestamp.astimezone(UTC).date()
-        deltas: dict[CounterKey, tuple[int, int]] = {}
-        released = not reservation.held or store.delete_reservation(tx, reservation.id)
-        if reservation.held and released:
-            for key in counter_keys(
-                reservation.task_id, reservation.user_id, reservation.window_day
-            ):
-                deltas[key] = (0, -reservation.amount_pico)
-        if actual:
-            for key in counter_keys(reservation.task_id, reservation.user_id, spend_day):
-                spent, reserved = deltas.get(key, (0, 0))
-                deltas[key] = (spent + actual, reserved)
-        after = store.apply_counter_deltas(tx, deltas, now)
+        # The spend itself is booked by the ledger: inserting the usage row adds its cost to
+        # the counters that exist (the trigger of revision 0005), in this same transaction.
+        released = store.delete_reservation(tx, reservation.id)
+        deltas = {}
+        if released:
+            keys = counter_keys(reservation.task_id, reservation.user_id, reservation.window_day)
+            deltas = dict.fromkeys(keys, (0, -reservation.amount_pico))
+        after = store.apply_counter_deltas(tx, deltas, self._clock())
         warned = [
             key
             for key, state in after.items()

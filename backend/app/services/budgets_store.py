@@ -225,11 +225,11 @@ def _seed_statement(scope: BudgetScope) -> Statement:
 
 _SEED_COUNTER = {scope: _seed_statement(scope) for scope in BudgetScope}
 _LEDGER_SPEND = {scope: Statement(_ledger_spend(scope)) for scope in BudgetScope}
-# Taken by a seeding transaction on PostgreSQL: it waits for every usage transaction that is
-# writing the rollups and holds new ones back until the counter exists, so a call's spend is
-# either in the sum the counter starts from or added to the counter by its own settlement.
+# Taken by a seeding transaction on PostgreSQL: it waits for every usage transaction in flight
+# and holds new ones back until the counter exists, so a call's spend is either in the sum the
+# counter starts from or added to the counter by the ledger's trigger (revision 0005).
 _HOLD_ROLLUP_WRITERS = Statement(
-    text("LOCK TABLE usage_rollup_daily, usage_rollup_daily_overall IN SHARE MODE")
+    text("LOCK TABLE llm_usage, usage_rollup_daily, usage_rollup_daily_overall IN SHARE MODE")
 )
 
 

@@ -354,7 +354,7 @@ class _BaseLLMClient:
     def _arm_settlement(self, prepared: _Prepared) -> None:
         """Have the tracker settle the reservation with the call's final record."""
         guard, reservation = self.budget, prepared.reservation
-        if guard is not None and reservation is not None:
+        if guard is not None and reservation is not None and getattr(reservation, "held", True):
             prepared.tracker.settle = lambda conn, record: guard.settle(reservation, record, conn)
 
     # -- the seed's usage helpers ---------------------------------------------------------

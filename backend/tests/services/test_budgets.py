@@ -425,8 +425,11 @@ def test_sweep_releases_only_expired_reservations_and_a_late_settle_still_books_
     cost = call_cost_pico()
     assert counter(runtime, BudgetScope.TASK, "t-sweep") == CounterState(0, cost, False)
 
-    late = UsageRecord(request_id="late", model=MODEL, status="success", cost_pico_usd=7)
-    guard.settle(old, late)
+    late = UsageRecord(
+        request_id="late", model=MODEL, status="success", task_id="t-sweep", cost_pico_usd=7
+    )
+    # As the client does it: the row (which books the spend) and the settlement together.
+    assert runtime.writer.write(late, also=lambda tx: guard.settle(old, late, tx))
     assert counter(runtime, BudgetScope.TASK, "t-sweep") == CounterState(7, cost, False)
 
 
@@ -474,6 +477,39 @@ def test_an_event_loop_learns_without_waiting_only_that_nothing_limits_a_call(
     assert (free is not None and not free.held) if local else free is None
     assert limited is None  # a limit applies: ``reserve`` must take the reservation
     assert open_reservations(runtime) == 0
+
+
+def test_rows_replayed_from_the_spool_book_their_spend_on_the_counters(
+    budget_runtime: Callable[..., Runtime],
+) -> None:
+    # An outage: calls went on, their rows were spooled and their settlements failed. When the
+    # rows land, their spend lands on the counters with them (the ledger books it), and the
+    # reservations the failed settlements left are released by the sweep: counted once each.
+    runtime = budget_runtime(budget_user_daily_usd=Decimal(1))
+    guard = runtime.extras["budget_guard"]
+    context = CallContext(task_id="t-outage", user_id="jo")
+    held = guard.reserve(context=context, model=MODEL, request=request_of())
+    records = [
+        UsageRecord(
+            request_id=f"spooled-{i}",
+            model=MODEL,
+            status="success",
+            task_id="t-outage",
+            user_id="jo",
+            cost_pico_usd=1_000 + i,
+        )
+        for i in range(3)
+    ]
+    for record in records:
+        runtime.writer.spool.append(record)
+
+    assert runtime.writer.replay_spool() == 3
+    spent = sum(r.cost_pico_usd for r in records)
+    assert counter(runtime, BudgetScope.USER_DAILY, "jo") == CounterState(
+        spent, held.amount_pico, False
+    )
+    runtime.writer.replay_spool()  # a second replay changes nothing
+    assert counter(runtime, BudgetScope.USER_DAILY, "jo").spent_pico == spent
 
 
 def test_a_counter_made_while_calls_run_counts_each_call_exactly_once(
