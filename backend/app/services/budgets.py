@@ -241,6 +241,10 @@ def worst_case(
     return WorstCase(tokens.prompt_tokens, tokens.completion_tokens, cost, price is not None)
 
 
+def _unlimited(limits: Mapping[BudgetScope, Limit]) -> bool:
+    return all(limit.limit_pico is None for limit in limits.values())
+
+
 # -- the guard --------------------------------------------------------------------------------
 
 
@@ -361,46 +365,66 @@ class DatabaseBudgetGuard:
     ) -> Reservation:
         day = now.date()
         keys = counter_keys(context.task_id, context.user_id, day)
-        limits = self._limits(context, keys)
-        if all(limit.limit_pico is None for limit in limits.values()):
-            # Nothing limits this call: no reservation to hold, no write before the call. Its
-            # spend reaches the ledger, where a counter made later starts from.
-            return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
+        # SQLite: the limits from a read first, and a write transaction only if one applies
+        # (that transaction must start with its write). PostgreSQL: the limits are read in the
+        # reservation's own transaction (one transaction, not two: each costs round trips),
+        # which writes nothing if none applies.
+        limits = self._limits(context, keys, wait=self._engine.dialect.name == "sqlite")
+        if limits is not None and _unlimited(limits):
+            return self._unheld(context, day, limits)
         self._sweep_if_due(now)  # reclaim what dead processes held, before taking more
-        amount = worst_case()  # only now: a call nothing limits never needs it
-        row = store.ReservationRow(uuid.uuid4().hex, amount, context.task_id, context.user_id, day)
-        for _ in range(2):
+        for attempt in range(3):
             try:
-                self._hold(row, keys, limits, now)
-                break
+                return self._hold(context, worst_case, keys, limits, now)
             except store.CounterMissing:
+                if attempt == 2:
+                    raise
                 # The first limited call of a window: make its counters from the ledger (in a
                 # transaction of its own, holding no counter row), then try again.
                 with self._gate.transaction() as tx:
                     store.seed_counters(tx, keys, now)
-        else:
-            self._hold(row, keys, limits, now)
-        return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
+        raise AssertionError("unreachable")
+
+    def _unheld(
+        self, context: CallContext, day: date, limits: Mapping[BudgetScope, Limit]
+    ) -> Reservation:
+        # Nothing limits this call: no reservation to hold, no write before the call. Its
+        # spend reaches the ledger, where a counter made later starts from.
+        return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
 
     def _hold(
         self,
-        row: store.ReservationRow,
+        context: CallContext,
+        worst_case: Callable[[], int],
         keys: list[CounterKey],
-        limits: Mapping[BudgetScope, Limit],
+        limits: Mapping[BudgetScope, Limit] | None,
         now: datetime,
-    ) -> None:
+    ) -> Reservation:
         """Take the reservation on every counter of the call, or on none of them."""
+        day = now.date()
         # Raising inside the block rolls back every scope's increment made before it.
         with self._gate.transaction() as tx:
-            # The reservation row first: the transaction starts with a write (on SQLite it takes
-            # the write lock at once, never upgrading a read snapshot), and the counter rows (the
-            # global one is everybody's) stay locked only from their UPDATE to the commit.
+            if limits is None:
+                limits = resolve_limits(
+                    tx, self._settings, context.task_id, context.user_id, keys, self._defaults
+                )
+                if _unlimited(limits):
+                    return self._unheld(context, day, limits)  # nothing was written
+            amount = worst_case()  # only now: a call nothing limits never needs it
+            row = store.ReservationRow(
+                uuid.uuid4().hex, amount, context.task_id, context.user_id, day
+            )
+            # The reservation row before the counters: on SQLite the transaction starts with a
+            # write (it takes the write lock at once, never upgrading a read snapshot), and the
+            # counter rows (the global one is everybody's) stay locked only from their UPDATE
+            # to the commit.
             store.insert_reservation(tx, row, created_at=now, expires_at=now + self._ttl)
             for key in keys:
                 limit = limits[key.scope].limit_pico
-                if not store.try_reserve(tx, key, row.amount_pico, limit, now):
+                if not store.try_reserve(tx, key, amount, limit, now):
                     state = store.read_counter(tx, key) or CounterState()
-                    raise self._exceeded(key, limit or 0, state, row.amount_pico)
+                    raise self._exceeded(key, limit or 0, state, amount)
+        return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
 
     @staticmethod
     def _exceeded(
