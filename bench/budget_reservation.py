@@ -1,9 +1,11 @@
 """The budget reservation's own cost: reserve + settle round trips under 100-way concurrency.
 
 No LLM call is made: each worker thread calls ``DatabaseBudgetGuard.reserve`` and then ``settle``
-with a record costing exactly the reservation, as ``LLMClient`` does around a call. Every call
-is booked to four counters (its task, its user's day and month, the global day) with limits set
-on all four scopes, so each reservation takes the conditional-UPDATE path. Two shapes:
+with a record costing exactly the reservation, as ``LLMClient`` does around a call (the spend
+itself is booked by the ledger's trigger when a usage row is written; no row is written here, so
+this is the reservation alone). Every call reserves on four counters (its task, its user's day
+and month, the global day) with limits set on all four scopes, so each reservation takes the
+conditional-UPDATE path. Two shapes:
 
 - ``spread``: every worker has its own task and user; only the global row is shared (the common
   case, and the hottest row there is);
