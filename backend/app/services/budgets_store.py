@@ -161,11 +161,14 @@ _RESERVATION_COLUMNS = (
 )  # fmt: skip
 _INSERT_RESERVATION = Statement(insert(_reservation), column_keys=_RESERVATION_COLUMNS)
 _DELETE_RESERVATION = Statement(delete(_reservation).where(_reservation.c.id == bindparam("r_id")))
-_OVERRIDES_OF_SUBJECTS = select(_override).where(
-    _override.c.subject_id.in_(bindparam("subjects", expanding=True))
-)
+
+
 # The reserve path's lookup: a call has at most three subjects (its task, its user, and ''
 # for the global scope), so a fixed IN list that precompiles.
+def _override_pair(scope: BudgetScope, subject: Any) -> Any:
+    return and_(_override.c.scope == literal(scope.value), _override.c.subject_id == subject)
+
+
 _OVERRIDE_LIMITS = Statement(
     select(
         _override.c.scope,
@@ -173,8 +176,13 @@ _OVERRIDE_LIMITS = Statement(
         _override.c.limit_pico_usd,
         _override.c.soft_threshold,
     ).where(
-        _override.c.subject_id.in_(
-            [bindparam("s_task"), bindparam("s_user"), bindparam("s_global")]
+        # Each pair on its own: the primary key (scope, subject_id) serves every one of them,
+        # however many per-task overrides the table holds.
+        or_(
+            _override_pair(BudgetScope.TASK, bindparam("s_task")),
+            _override_pair(BudgetScope.USER_DAILY, bindparam("s_user")),
+            _override_pair(BudgetScope.USER_MONTHLY, bindparam("s_user")),
+            _override_pair(BudgetScope.GLOBAL_DAILY, literal("")),
         )
     )
 )
@@ -448,7 +456,7 @@ def read_override_limits(
 ) -> dict[tuple[BudgetScope, str], OverrideLimit]:
     """The overrides that may apply to a call of this task and user, by (scope, subject)."""
     rows = tx.execute(
-        _OVERRIDE_LIMITS, {"s_task": task_id or "", "s_user": user_id or "", "s_global": ""}
+        _OVERRIDE_LIMITS, {"s_task": task_id or "", "s_user": user_id or ""}
     ).fetchall()
     found: dict[tuple[BudgetScope, str], OverrideLimit] = {}
     for scope, subject, limit_pico, threshold in rows:
@@ -468,9 +476,13 @@ def read_overrides(
     wanted = set(subjects)
     if not wanted:
         return {}
-    rows = conn.execute(_OVERRIDES_OF_SUBJECTS, {"subjects": sorted({s for _, s in wanted})})
-    found = (_override_row(r) for r in rows)
-    return {o.scope: o for o in found if (o.scope, o.subject_id) in wanted}
+    pairs = or_(
+        *(
+            and_(_override.c.scope == scope.value, _override.c.subject_id == subject)
+            for scope, subject in sorted(wanted)
+        )
+    )  # by primary key, pair by pair
+    return {o.scope: o for o in map(_override_row, conn.execute(select(_override).where(pairs)))}
 
 
 def upsert_override(

@@ -652,3 +652,22 @@ def test_counter_keys_follow_the_lock_order() -> None:
     assert keys == sorted(keys, key=lambda k: k.lock_order)
     assert keys[2].window_start == date(2031, 5, 1)
     assert replace(keys[0], subject_id="z").lock_order < keys[1].lock_order
+
+
+def test_the_per_call_override_lookup_searches_the_primary_key_not_the_table(
+    budget_runtime: Callable[..., Runtime],
+) -> None:
+    # Every capped task leaves a task-scope override, so the table grows with the tasks run:
+    # the lookup each call makes must stay an index search.
+    runtime = budget_runtime()
+    if runtime.engine.dialect.name != "sqlite":
+        pytest.skip("the plan is checked on SQLite")
+    compiled = budgets_store._OVERRIDE_LIMITS.compiled(runtime.engine.dialect)
+    with runtime.engine.connect() as conn:
+        plan = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + compiled.sql,
+            tuple(compiled.params({"s_task": "t", "s_user": "u"})),
+        ).all()
+    details = [row[-1] for row in plan]
+    assert not any(d.startswith("SCAN") for d in details), details
+    assert any("USING INDEX" in d for d in details), details
