@@ -26,6 +26,7 @@ from app.services.budgets import (
     window_start,
 )
 from app.services.budgets_store import BudgetScope, CounterKey, OverrideRow
+from app.services.override_signal import announce_after_commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ def set_override(
 ) -> ScopeStatus:
     """Set (or replace) the override; it applies from the next reservation on."""
     now = now or utcnow()
+    announce_after_commit(session)
     store.upsert_override(
         session.connection(),
         scope,
@@ -114,6 +116,7 @@ def set_override(
 
 def remove_override(session: Session, scope: BudgetScope, subject_id: str) -> None:
     """Delete the override so that the environment default applies again."""
+    announce_after_commit(session)
     if not store.delete_override(session.connection(), scope, subject_id):
         raise NotFound(f"No {scope.value} limit override for {subject_id or 'global'}.")
 

@@ -77,6 +77,7 @@ from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKIN
 from app.services import budgets_store as store
 from app.services.budgets_store import BudgetScope, CounterKey, CounterState, OverrideLimit
 from app.services.llm_tracking import CallContext, estimate_prompt_tokens, estimate_tokens
+from app.services.override_signal import LimitsCache, override_signal
 from app.services.pricing import PriceBook, TokenUsage
 from app.services.usage_record import UsageRecord
 
@@ -283,6 +284,9 @@ class DatabaseBudgetGuard:
         self._gate = write_gate(engine)
         self._settings = settings
         self._defaults = default_limits(settings)
+        self._limits_cache: LimitsCache[dict[BudgetScope, Limit]] = LimitsCache(
+            override_signal(engine)
+        )
         self._price_book = price_book
         self._clock = clock
         self._ttl = timedelta(seconds=settings.budget_reservation_ttl_seconds)
@@ -346,8 +350,16 @@ class DatabaseBudgetGuard:
     def _limits(
         self, context: CallContext, keys: list[CounterKey], *, wait: bool = True
     ) -> dict[BudgetScope, Limit] | None:
-        """The call's limits, read on the kept local connection when free, else (``wait``)
-        on one from the pool; None when it would have to wait and ``wait`` is False."""
+        """The call's limits: reused while no override changed (SQLite, ``override_signal``),
+        else read on the kept local connection when free, else (``wait``) on one from the pool;
+        None when it would have to wait and ``wait`` is False."""
+        return self._limits_cache.get(
+            context.task_id, context.user_id, lambda: self._read_limits(context, keys, wait)
+        )
+
+    def _read_limits(
+        self, context: CallContext, keys: list[CounterKey], wait: bool
+    ) -> dict[BudgetScope, Limit] | None:
         with self._gate.local_read() as tx:
             if tx is not None:
                 return resolve_limits(

@@ -27,6 +27,7 @@ from app.models import TERMINAL_TASK_STATUSES, LLMUsage, Task, TaskEvent
 from app.schemas.tasks import TaskSubmitRequest
 from app.services import budgets_store, task_metrics_writer
 from app.services.budgets_store import BudgetScope
+from app.services.override_signal import announce_after_commit
 
 MAX_RUNS = 2  # one restart after a crash, then the task fails
 
@@ -61,6 +62,7 @@ def create_task(
     session.flush()
     if task.max_cost_pico_usd is not None:
         # The task's cap is a task-scope budget: every agent call reserves against it first.
+        announce_after_commit(session)
         budgets_store.upsert_override(
             session.connection(),
             BudgetScope.TASK,

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,7 +30,7 @@ from app.core.errors import BudgetExceededError, BudgetUnavailableError
 from app.core.money import usd_to_pico
 from app.core.runtime import Runtime
 from app.models import LLMUsage
-from app.services import budget_limits, budgets_store
+from app.services import budget_limits, budgets_store, override_signal
 from app.services.budgets import (
     PROMPT_OVERHEAD_TOKENS,
     DatabaseBudgetGuard,
@@ -671,3 +672,47 @@ def test_the_per_call_override_lookup_searches_the_primary_key_not_the_table(
     details = [row[-1] for row in plan]
     assert not any(d.startswith("SCAN") for d in details), details
     assert any("USING INDEX" in d for d in details), details
+
+
+# -- limits kept between calls (SQLite) -----------------------------------------------------
+
+
+def test_a_limit_set_by_another_process_applies_to_the_very_next_call(
+    budget_runtime: Callable[..., Runtime], sim: SimulatorServer
+) -> None:
+    script_exact_usage(sim)
+    here, there = budget_runtime(), budget_runtime()  # two guards, each with its own memory
+    client = LLMClient(task_id="t-elsewhere", user_id="kim", runtime=here)
+    client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+
+    set_limit(there, BudgetScope.TASK, "t-elsewhere", Decimal(0))  # signalled once committed
+
+    with pytest.raises(BudgetExceededError):
+        client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+    assert sim.state.stats()["requests"] == 1
+
+
+def test_an_override_written_by_hand_applies_within_the_reuse_limit(
+    budget_runtime: Callable[..., Runtime], sim: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(override_signal, "LIMITS_REUSE_SECONDS", 0.2)
+    script_exact_usage(sim)
+    runtime = budget_runtime()
+    client = LLMClient(task_id="t-by-hand", user_id="lee", runtime=runtime)
+    client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+
+    with runtime.engine.begin() as conn:  # SQL by hand: no signal
+        budgets_store.upsert_override(
+            conn,
+            BudgetScope.TASK,
+            "t-by-hand",
+            limit_pico=0,
+            soft_threshold=None,
+            updated_by="dba",
+            now=datetime.now(UTC),
+        )
+    time.sleep(0.3)
+
+    with pytest.raises(BudgetExceededError):
+        client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+    assert sim.state.stats()["requests"] == 1
