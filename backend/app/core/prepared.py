@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
@@ -35,6 +35,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 Processor = Callable[[Any], Any]
+T = TypeVar("T")
 
 
 def dialect_insert(dialect: str) -> Any:
@@ -241,14 +242,20 @@ class WriteGate:
             raw.invalidate(exc)
 
 
-_gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
-_gates_lock = threading.Lock()
+def per_engine(factory: Callable[[Engine], T]) -> Callable[[Engine], T]:
+    """``factory(engine)`` made once per engine, on first use, and dropped with the engine."""
+    made: weakref.WeakKeyDictionary[Engine, T] = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+
+    def get(engine: Engine) -> T:
+        with lock:
+            found = made.get(engine)
+            if found is None:
+                found = made[engine] = factory(engine)
+            return found
+
+    return get
 
 
-def write_gate(engine: Engine) -> WriteGate:
-    """The engine's ``WriteGate`` (created on first use)."""
-    with _gates_lock:
-        gate = _gates.get(engine)
-        if gate is None:
-            gate = _gates[engine] = WriteGate(engine)
-        return gate
+write_gate = per_engine(WriteGate)
+"""The engine's ``WriteGate``: one per engine, shared by every hot-path writer of the process."""

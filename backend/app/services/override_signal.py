@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Generic, TypeVar
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+
+from app.core.prepared import per_engine
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +79,8 @@ class OverrideSignal:
             event.listen(session, "after_commit", lambda _s: self.announce(), once=True)
 
 
-_signals: weakref.WeakKeyDictionary[Engine, OverrideSignal] = weakref.WeakKeyDictionary()
-_signals_lock = threading.Lock()
-
-
-def override_signal(engine: Engine) -> OverrideSignal:
-    """The engine's signal (one per engine, shared by its guard and its writers)."""
-    with _signals_lock:
-        signal = _signals.get(engine)
-        if signal is None:
-            signal = _signals[engine] = OverrideSignal.for_engine(engine)
-        return signal
+override_signal = per_engine(OverrideSignal.for_engine)
+"""The engine's signal (one per engine, shared by its guard and its writers)."""
 
 
 class LimitsCache(Generic[T]):
