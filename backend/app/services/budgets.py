@@ -21,8 +21,9 @@ its scopes, each starting from what the ledger's daily rollups say was spent in 
 already spent in it. From then on the ledger keeps them: inserting a usage row adds its cost to
 the counters of its windows that exist (a trigger, Alembic revision 0005), in the row's own
 transaction, whatever wrote the row (a call, the spool replayed after an outage). A call that no
-scope limits reserves nothing (``reserve`` only reads the overrides) and runs no budget code
-after the call: budgets cost it one read, and the global-day row is not a point every call must
+scope limits reserves nothing (``reserve`` only reads the overrides, or on SQLite reuses what it
+read while no override change is signalled: ``app.services.override_signal``) and runs no budget
+code after the call: budgets cost it one read, and the global-day row is not a point every call must
 pass through unless a global cap is set. On PostgreSQL the seeding transaction first waits for
 the ledger writers in flight (``LOCK TABLE ... IN SHARE MODE``), so a call's spend is either in
 the sum a counter starts from or added by the trigger, never both, never neither.
@@ -64,7 +65,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -339,16 +340,8 @@ class DatabaseBudgetGuard:
             return None
         return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
 
-    @overload
-    def _limits(self, context: CallContext, keys: list[CounterKey]) -> dict[BudgetScope, Limit]: ...
-
-    @overload
     def _limits(
         self, context: CallContext, keys: list[CounterKey], *, wait: bool
-    ) -> dict[BudgetScope, Limit] | None: ...
-
-    def _limits(
-        self, context: CallContext, keys: list[CounterKey], *, wait: bool = True
     ) -> dict[BudgetScope, Limit] | None:
         """The call's limits: reused while no override changed (SQLite, ``override_signal``),
         else read on the kept local connection when free, else (``wait``) on one from the pool;
