@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,22 +49,39 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def postgresql_url() -> Iterator[str]:
+ScratchDatabase = Callable[[str], AbstractContextManager[str]]
+
+
+@contextmanager
+def _scratch_postgres_database(prefix: str) -> Iterator[str]:
     if not _postgres_available():
         if REQUIRE_POSTGRES:
             pytest.fail(f"PostgreSQL required but unreachable at {POSTGRES_URL}")
         pytest.skip("PostgreSQL not reachable")
-    name = f"asa_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade_to_head(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def scratch_postgres_database() -> ScratchDatabase:
+    """``with scratch_postgres_database(prefix) as url``: a new, empty PostgreSQL database,
+    dropped afterwards (skipped when PostgreSQL is unreachable, failed if it is required)."""
+    return _scratch_postgres_database
+
+
+@pytest.fixture(scope="session")
+def postgresql_url(scratch_postgres_database: ScratchDatabase) -> Iterator[str]:
+    with scratch_postgres_database("asa_test") as url:
+        upgrade_to_head(url)
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

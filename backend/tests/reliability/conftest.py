@@ -43,14 +43,11 @@ import json
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
@@ -66,22 +63,7 @@ from rel_support import (  # noqa: E402
     service_env,
 )
 
-POSTGRES_URL = os.environ.get(
-    "ASA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REQUIRE_POSTGRES = os.environ.get("ASA_REQUIRE_POSTGRES") == "1"
 RESULTS_DIR = os.environ.get("ASA_RELIABILITY_RESULTS")
-
-
-def _postgres_reachable() -> bool:
-    try:
-        probe = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with probe.connect():
-            pass
-        probe.dispose()
-    except Exception:
-        return False
-    return True
 
 
 @pytest.fixture(scope="session")
@@ -104,20 +86,10 @@ def sim(rel_simulator: SimulatorProcess) -> SimulatorProcess:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(scratch_postgres_database: Callable[[str], Any]) -> Iterator[str]:
     """A new, empty PostgreSQL database (the service migrates it when it starts)."""
-    if not _postgres_reachable():
-        if REQUIRE_POSTGRES:
-            pytest.fail(f"PostgreSQL required but unreachable at {POSTGRES_URL}")
-        pytest.skip("PostgreSQL not reachable")
-    name = f"asa_rel_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_postgres_database("asa_rel") as url:
+        yield url
 
 
 @pytest.fixture
