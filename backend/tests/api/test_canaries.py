@@ -114,7 +114,7 @@ async def test_no_canary_reaches_logs_spans_rows_metrics_or_bodies(
         "prompt": PROMPT,
         "admin key": admin_key,
         "alice's key": alice_key,
-        "alice's key secret": alice_key.rsplit("_", 1)[-1][:20],
+        "alice's key secret": alice_key.split("_", 2)[2][:20],
     }
     sim.state.add_scripts(
         [ScriptRule.model_validate({"reply": {"content": "ok", "usage": {"prompt_tokens": 9}}})]
