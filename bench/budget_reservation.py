@@ -38,13 +38,13 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from app.budgets.guard import DatabaseBudgetGuard, Reservation
 from app.core.config import Settings
 from app.core.db import create_db_engine
 from app.core.migrations import upgrade_to_head
-from app.services.budgets import DatabaseBudgetGuard, Reservation
-from app.services.llm_tracking import CallContext
-from app.services.pricing import PriceBook
-from app.services.usage_record import UsageRecord
+from app.tracking.pricing import PriceBook
+from app.tracking.record import UsageRecord
+from app.tracking.tracker import CallContext
 
 MODEL = "bench-model"
 PRICES = {MODEL: {"input_mtok": Decimal("1"), "output_mtok": Decimal("2")}}

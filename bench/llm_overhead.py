@@ -33,7 +33,7 @@ import openai
 from app.core.config import Settings
 from app.core.migrations import upgrade_to_head
 from app.core.runtime import Runtime
-from app.services.llm_client import AsyncLLMClient, LLMClient
+from app.tracking.llm_client import AsyncLLMClient, LLMClient
 
 MESSAGES = [{"role": "user", "content": "Reply with one short sentence."}]
 MODEL = "gpt-4o-mini"

@@ -44,14 +44,14 @@ from app.core.config import Settings  # noqa: E402
 from app.core.runtime import Runtime  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import LLMUsage, UsageRollupDaily  # noqa: E402
-from app.services.task_metrics_report import task_metrics  # noqa: E402
-from app.services.usage_report import (  # noqa: E402
+from app.usage.report import (  # noqa: E402
     Source,
     overall_usage,
     task_usage,
     usage_window,
     user_usage,
 )
+from app.usage.task_metrics import task_metrics  # noqa: E402
 
 ADMIN = Principal("bench", "admin")
 RESULTS = Path(__file__).resolve().parent / "results"

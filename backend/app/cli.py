@@ -17,12 +17,12 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
+from app.access import api_keys
 from app.core.config import Settings, get_settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.errors import AppError
 from app.core.migrations import upgrade_to_head
-from app.models_api_keys import ApiKey
-from app.services import api_keys
+from app.models import ApiKey
 
 
 def _parser() -> argparse.ArgumentParser:

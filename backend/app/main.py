@@ -25,9 +25,7 @@ from app.core.redaction import install_log_redaction
 from app.core.runtime import Runtime, set_runtime
 from app.observability import setup_telemetry
 from app.schemas.errors import ERROR_RESPONSES
-from app.services.examples import materialize_examples
-from app.services.retention import RetentionScheduler
-from app.services.task_worker import TaskWorker
+from app.tasks.examples import materialize_examples
 
 logger = logging.getLogger("app")
 # Every /api route needs a principal, including routes added later that forget to ask for one.
@@ -55,17 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         set_runtime(runtime)
         materialize_examples(cfg.examples_dir)
-        worker: TaskWorker | None = None
-        if cfg.run_task_worker:
-            worker = TaskWorker(runtime)
-            runtime.extras["task_worker"] = worker
-            worker.start()
-        retention: RetentionScheduler | None = None
-        if cfg.usage_retention_days is not None:
-            retention = RetentionScheduler(
-                runtime.engine, cfg.usage_retention_days, cfg.usage_retention_batch_size
-            )
-            retention.start()
+        runtime.start_jobs()
         logger.info(
             "ASA ready: database %s, LLM endpoint %s",
             runtime.engine.url.render_as_string(hide_password=True),
@@ -74,10 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if worker is not None:
-                worker.stop()
-            if retention is not None:
-                retention.stop()
+            runtime.stop_jobs()
             set_runtime(None)
             try:
                 await runtime.async_openai_client.close()

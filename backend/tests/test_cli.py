@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from app.access import api_keys
 from app.core.db import create_db_engine, create_session_factory, transaction
-from app.services import api_keys
 
 
 def asa_command() -> list[str]:

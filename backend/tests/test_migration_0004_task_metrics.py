@@ -11,8 +11,7 @@ from alembic import command
 from sqlalchemy import Engine, inspect, select
 
 from app.core.migrations import alembic_config, upgrade_to_head
-from app.models import TaskMetrics
-from app.models_usage import TaskMetricsDaily
+from app.models import TaskMetrics, TaskMetricsDaily
 
 
 def row(task_id: str, name: str, value: str, when: datetime) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.core.runtime import Runtime
 from app.main import create_app
 from app.observability import setup_telemetry
-from app.services.llm_client import LLMClient
 from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
+from app.tracking.llm_client import LLMClient
 
 MESSAGES = [{"role": "user", "content": "otlp canary prompt"}]
 

@@ -14,7 +14,7 @@ the earliest (ties: the smallest id), which is the row the rule would have kept.
 a duration histogram with sum and maximum); the upgrade fills it from ``task_metrics`` and from
 then on the orchestrator's write increments it in the same transaction (upgrade with the
 workers stopped, as ``auto_migrate`` at start-up does). The bucket bounds are
-``app.models_usage.DURATION_BUCKETS_SECONDS`` as of this revision, copied here so that the
+``app.models.DURATION_BUCKETS_SECONDS`` as of this revision, copied here so that the
 revision does not change if they do.
 """
 

@@ -8,7 +8,7 @@ Written by hand.
 
 An ``AFTER INSERT`` trigger on ``llm_usage`` adds the new row's cost to the counters of its
 task, its user's UTC day and month, and the global UTC day, where those counter rows exist (a
-counter exists once a limit has applied to its window; ``app.services.budgets``). So whatever
+counter exists once a limit has applied to its window; ``app.budgets.guard``). So whatever
 writes a usage row books its spend in the same statement: the tracked call, the spool replayed
 after an outage, a row written again after a failed settlement; settling a reservation only
 releases it. Blocked and free rows (cost 0) book nothing.

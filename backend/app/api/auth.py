@@ -1,6 +1,6 @@
 """Who is calling: the principal every router depends on.
 
-Requests authenticate with ``Authorization: Bearer <key>`` (keys: ``app.services.api_keys``).
+Requests authenticate with ``Authorization: Bearer <key>`` (keys: ``app.access.api_keys``).
 Until the first key is issued the service runs in open local mode: a request without a key acts
 as the local administrator, but only while the server is bound to a loopback address and only
 for a request that comes from this machine directly (not through a forwarding proxy). Once a
@@ -25,15 +25,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.access import api_keys
+from app.access.principal import LOCAL_USER, Principal
 from app.core.config import Settings
 from app.core.db import transaction
 from app.core.errors import Forbidden, ServiceUnavailable, Unauthorized
 from app.core.rate_limit import TokenBucketLimiter
-from app.services import api_keys
 
 logger = logging.getLogger(__name__)
 
-LOCAL_USER = "local"
 AccessMode = Literal["open", "keys"]
 # How long a verified key and the "no key exists yet" answer are trusted without the database:
 # a key revoked by another process (the CLI) stops working within this time; one revoked
@@ -41,22 +41,6 @@ AccessMode = Literal["open", "keys"]
 AUTH_CACHE_SECONDS = 1.0
 MAX_CACHED_KEYS = 4096
 _FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    user_id: str
-    role: Literal["user", "admin"]
-    key_id: str | None = None  # None in open local mode
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    def ensure_can_read_user(self, user_id: str) -> None:
-        """A user reads only their own data; an admin reads anyone's."""
-        if not self.is_admin and user_id != self.user_id:
-            raise Forbidden("You may only read your own usage.")
 
 
 LOCAL_ADMIN = Principal(user_id=LOCAL_USER, role="admin")

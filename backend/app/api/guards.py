@@ -10,7 +10,8 @@ from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.auth import Principal, current_principal, get_access
+from app.access.principal import Principal
+from app.api.auth import current_principal, get_access
 from app.core.errors import TooManyRequests
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     )
     run_task_worker: bool = Field(default=True, description="Execute queued tasks in this process.")
 
-    # Budgets, enforced before each LLM call (app/services/budgets.py). Amounts in USD, exact to
+    # Budgets, enforced before each LLM call (app/budgets/guard.py). Amounts in USD, exact to
     # the picodollar; unset or empty = unlimited. Windows are UTC calendar days and months; a
     # task's budget covers its whole life. Per-user and per-task overrides: /api/v1/limits.
     budget_enforcement: bool = Field(

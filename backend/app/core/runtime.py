@@ -13,24 +13,26 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx2
 import openai
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.budgets.guard import DatabaseBudgetGuard
 from app.core.config import Settings, get_settings
 from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
 from app.core.prepared import write_gate
-from app.services.budgets import DatabaseBudgetGuard
-from app.services.db_worker import DbWorker
-from app.services.pricing import PriceBook
-from app.services.usage_spool import UsageSpool
-from app.services.usage_writer import SpoolReplayer, UsageWriter
+from app.tracking.db_worker import DbWorker
+from app.tracking.pricing import PriceBook
+from app.tracking.spool import UsageSpool
+from app.tracking.writer import SpoolReplayer, UsageWriter
 
 if TYPE_CHECKING:
     from app.simulator.server import SimulatorServer
+    from app.tasks.worker import TaskWorker
+    from app.usage.retention import RetentionScheduler
 
 logger = logging.getLogger(__name__)
 # Scripted replies of the built-in simulator for the bundled example repositories.
@@ -64,8 +66,12 @@ class Runtime:
     llm_endpoint: str
     simulator: SimulatorServer | None = None
     replayer: SpoolReplayer | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     checkpointer: SqliteCheckpointer | None = None
+    # Budget enforcement (None when BUDGET_ENFORCEMENT is off).
+    budget_guard: DatabaseBudgetGuard | None = None
+    # The background jobs of a service process (``start_jobs``); None in scripts and tests.
+    task_worker: TaskWorker | None = None
+    retention: RetentionScheduler | None = None
     # The thread that does async callers' tracking SQL (created on first use).
     db_worker: DbWorker = field(init=False)
 
@@ -136,8 +142,7 @@ class Runtime:
             simulator=simulator,
         )
         if settings.budget_enforcement:
-            guard = DatabaseBudgetGuard(engine, settings, runtime.price_book)
-            runtime.extras["budget_guard"] = guard
+            runtime.budget_guard = DatabaseBudgetGuard(engine, settings, runtime.price_book)
         if start_background:
             runtime.replayer = SpoolReplayer(writer, settings.spool_replay_interval_seconds)
             runtime.replayer.start()
@@ -146,8 +151,38 @@ class Runtime:
             runtime.checkpointer.start()
         return runtime
 
+    def start_jobs(self) -> None:
+        """Start the service's background jobs: the task worker and the retention schedule.
+
+        Imported here, not at the top: the jobs' modules use the runtime themselves.
+        """
+        if self.settings.run_task_worker and self.task_worker is None:
+            from app.tasks.worker import TaskWorker
+
+            self.task_worker = TaskWorker(self)
+            self.task_worker.start()
+        if self.settings.usage_retention_days is not None and self.retention is None:
+            from app.usage.retention import RetentionScheduler
+
+            self.retention = RetentionScheduler(
+                self.engine,
+                self.settings.usage_retention_days,
+                self.settings.usage_retention_batch_size,
+            )
+            self.retention.start()
+
+    def stop_jobs(self) -> None:
+        """Stop the background jobs (the worker finishes or requeues what it runs)."""
+        if self.task_worker is not None:
+            self.task_worker.stop()
+            self.task_worker = None
+        if self.retention is not None:
+            self.retention.stop()
+            self.retention = None
+
     def close(self) -> None:
-        """Replay what is spooled, then release connections and threads."""
+        """Stop the jobs, replay what is spooled, then release connections and threads."""
+        self.stop_jobs()
         self.db_worker.close()
         if self.replayer is not None:
             self.replayer.stop()

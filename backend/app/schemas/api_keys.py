@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from app.services.api_keys import NAME_MAX_CHARS, USER_ID_PATTERN
+from app.models import NAME_MAX_CHARS, USER_ID_PATTERN
 
 
 def _as_utc(value: datetime) -> datetime:

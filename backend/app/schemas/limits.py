@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
-from app.services.budgets_store import BudgetScope
+from app.models import BudgetScope
 
 ExactUSD = Annotated[
     Decimal,

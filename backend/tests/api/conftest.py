@@ -11,10 +11,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.access import api_keys
 from app.core.db import transaction
 from app.core.runtime import Runtime
 from app.main import create_app
-from app.services import api_keys
 
 
 @dataclass

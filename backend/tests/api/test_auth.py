@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 
 from app.api.auth import InsecureStartupError, current_principal, require_admin
 from app.main import create_app
-from app.services.usage_record import UsageRecord
+from app.tracking.record import UsageRecord
 
 StartService = Any  # tests/api/conftest.py: start_service(**settings) -> Service
 Service = Any
@@ -327,8 +327,8 @@ async def test_key_changes_made_elsewhere_take_effect_within_a_second(
     anonymous = service.client()
     assert (await anonymous.get("/api/v1/task")).status_code == 200  # open mode
 
+    from app.access import api_keys
     from app.core.db import transaction
-    from app.services import api_keys
 
     with transaction(service.runtime.session_factory) as session:  # as `asa keys create` does
         issued = api_keys.create_key(session, user_id="root", role="admin")

@@ -29,9 +29,9 @@ from sqlalchemy import String, Text, select
 from app.core.errors import BudgetExceededError
 from app.models import Base
 from app.observability import setup_telemetry
-from app.services.llm_client import AsyncLLMClient, LLMClient
 from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
+from app.tracking.llm_client import AsyncLLMClient, LLMClient
 
 StartService = Any  # tests/api/conftest.py: start_service(**settings) -> Service
 

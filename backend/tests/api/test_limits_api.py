@@ -11,13 +11,14 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from app.api.auth import Principal, current_principal
+from app.access.principal import Principal
+from app.api.auth import current_principal
 from app.core.runtime import Runtime
 from app.main import create_app
 from app.schemas.limits import BudgetExceededBody, ScopeBudget
-from app.services.llm_client import LLMClient
 from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
+from app.tracking.llm_client import LLMClient
 
 MESSAGES = [{"role": "user", "content": "limits api"}]
 PRICES = {"limits-model": {"input_mtok": "1", "output_mtok": "2"}}

@@ -25,10 +25,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from app.access import api_keys
 from app.core.db import transaction
 from app.core.runtime import Runtime
 from app.main import create_app
-from app.services import api_keys
 
 CONTRACT_MAX_EXAMPLES = int(os.environ.get("ASA_CONTRACT_MAX_EXAMPLES", "15"))
 CHECKS = [

@@ -18,14 +18,15 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from app.api.auth import Principal, current_principal
+from app.access.principal import Principal
+from app.api.auth import current_principal
 from app.api.v1.usage import utc_now
 from app.core.config import Settings
 from app.core.runtime import Runtime
 from app.main import create_app
-from app.services import task_store
-from app.services.usage_record import UsageRecord
-from app.services.usage_writer import insert_usage
+from app.tasks import store as task_store
+from app.tracking.record import UsageRecord
+from app.tracking.writer import insert_usage
 
 ADMIN = Principal("root", "admin")
 

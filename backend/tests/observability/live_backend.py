@@ -27,8 +27,8 @@ import uvicorn
 
 from app.core.runtime import get_runtime
 from app.main import create_app
-from app.services.llm_client import LLMClient
 from app.simulator.config import parse_script_rules
+from app.tracking.llm_client import LLMClient
 
 
 def _reply(message: dict[str, Any]) -> None:

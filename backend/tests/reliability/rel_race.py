@@ -18,7 +18,7 @@ import anyio.to_thread
 from app.core.config import Settings
 from app.core.errors import BudgetExceededError
 from app.core.runtime import Runtime
-from app.services.llm_client import AsyncLLMClient
+from app.tracking.llm_client import AsyncLLMClient
 
 
 def race_worker(

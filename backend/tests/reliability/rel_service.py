@@ -60,7 +60,7 @@ from fastapi import FastAPI
 
 from app.core.runtime import get_runtime
 from app.main import create_app
-from app.services.llm_client import AsyncLLMClient, LLMClient
+from app.tracking.llm_client import AsyncLLMClient, LLMClient
 
 USER_ID = "rel-user"
 AGENT = "FixAgent"

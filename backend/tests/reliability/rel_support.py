@@ -31,13 +31,17 @@ import rel_service
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine, make_url
 
+from app.budgets.guard import DatabaseBudgetGuard
 from app.core.config import Settings
 from app.core.db import create_db_engine
-from app.models import LLMUsage, UsageRollupDaily
-from app.models_budget import BudgetCounter, BudgetReservation
-from app.models_usage import UsageRollupDailyOverall
-from app.services.budgets import DatabaseBudgetGuard
-from app.services.pricing import PriceBook
+from app.models import (
+    BudgetCounter,
+    BudgetReservation,
+    LLMUsage,
+    UsageRollupDaily,
+    UsageRollupDailyOverall,
+)
+from app.tracking.pricing import PriceBook
 
 HERE = Path(__file__).resolve().parent
 BACKEND_DIR = HERE.parents[1]

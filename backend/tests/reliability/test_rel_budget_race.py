@@ -30,9 +30,9 @@ import rel_race
 from rel_support import Ledger, SimulatorProcess, forkserver, service_env, size
 from sqlalchemy import create_engine, func, select
 
+from app.budgets.guard import worst_case_tokens
 from app.core.money import usd_to_pico
-from app.models_budget import BudgetCounter
-from app.services.budgets import worst_case_tokens
+from app.models import BudgetCounter
 
 PROCESSES = 4
 CALLS_PER_PROCESS = size(60, 250)

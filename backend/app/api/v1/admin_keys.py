@@ -11,10 +11,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 from sqlalchemy.orm import Session
 
+from app.access import api_keys
 from app.api.auth import AdminPrincipal, get_access
 from app.api.deps import get_session
 from app.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyView
-from app.services import api_keys
 
 router = APIRouter(prefix="/api/v1/admin/keys", tags=["admin"])
 SessionDep = Annotated[Session, Depends(get_session)]

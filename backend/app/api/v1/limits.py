@@ -3,7 +3,7 @@
 GET shows the effective limit (override, environment default or none), spent, reserved by calls
 in flight and remaining in the current UTC window. PUT sets an administrator's override (a null
 ``limit_usd`` is explicitly unlimited); DELETE removes it so the default applies again. Rules and
-windows: ``app.services.budgets``.
+windows: ``app.budgets.guard``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from sqlalchemy.orm import Session
 
 from app.api.auth import AdminPrincipal, CurrentPrincipal
 from app.api.deps import get_app_runtime, get_session
+from app.budgets import limits as budget_limits
+from app.budgets.limits import ScopeStatus
+from app.budgets.store import OverrideRow
 from app.core.money import pico_to_usd
 from app.core.runtime import Runtime
+from app.models import BudgetScope
 from app.schemas.limits import (
     LimitOverride,
     LimitOverrideIn,
@@ -24,9 +28,6 @@ from app.schemas.limits import (
     ScopeBudget,
     UserBudgets,
 )
-from app.services import budget_limits
-from app.services.budget_limits import ScopeStatus
-from app.services.budgets_store import BudgetScope, OverrideRow
 
 router = APIRouter(prefix="/api/v1/limits", tags=["limits"])
 

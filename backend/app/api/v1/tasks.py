@@ -18,6 +18,13 @@ from app.api.guards import limit_task_submissions
 from app.core.errors import InvalidInput
 from app.core.runtime import Runtime
 from app.models import TERMINAL_TASK_STATUSES, Task
+from app.sandbox.runner import InvalidTestCommand, parse_test_command
+from app.sandbox.workspace import (
+    InvalidGitRef,
+    InvalidRepoURL,
+    validate_git_ref,
+    validate_repo_url,
+)
 from app.schemas.tasks import (
     TaskEventView,
     TaskPage,
@@ -26,15 +33,8 @@ from app.schemas.tasks import (
     TaskSubmitted,
     TaskView,
 )
-from app.services import task_store
-from app.services.sandbox import InvalidTestCommand, parse_test_command
-from app.services.task_views import task_view
-from app.services.workspace import (
-    InvalidGitRef,
-    InvalidRepoURL,
-    validate_git_ref,
-    validate_repo_url,
-)
+from app.tasks import store as task_store
+from app.tasks.views import task_view
 
 router = APIRouter(prefix="/api/v1/task", tags=["tasks"])
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -73,7 +73,7 @@ def submit_task(
     task = task_store.create_task(
         session, principal, body, body.model or runtime.settings.default_model
     )
-    worker = runtime.extras.get("task_worker")
+    worker = runtime.task_worker
     if worker is not None:
         session.info.setdefault("after_commit", []).append(worker.wake)
     status_url = _status_url(task)
@@ -115,7 +115,7 @@ def cancel_task(
     """Stop a queued task at once, or a running one at its next step."""
     task = task_store.get_visible_task(session, principal, task_id)
     task = task_store.request_cancel(session, task)
-    worker = runtime.extras.get("task_worker")
+    worker = runtime.task_worker
     if worker is not None:
         session.info.setdefault("after_commit", []).append(worker.wake)
     spend = task_store.task_spend(session, [task.id]).get(task.id, (0, 0))

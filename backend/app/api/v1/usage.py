@@ -1,7 +1,7 @@
 """``/api/v1/usage``: what tasks, users and everyone spent, task metrics, and row export.
 
 Reports read the daily rollup; ``days`` windows are whole UTC days (see
-``app.services.usage_report``). Costs are exact decimal strings.
+``app.usage.report``). Costs are exact decimal strings.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from app.schemas.usage import (
     TaskUsageResponse,
     UserUsageResponse,
 )
-from app.services import task_metrics_report, usage_export, usage_report
-from app.services.usage_report import MAX_DAYS, MIN_DAYS
+from app.usage import export as usage_export
+from app.usage import report as usage_report
+from app.usage import task_metrics as task_metrics_report
+from app.usage.report import MAX_DAYS, MIN_DAYS
 
 router = APIRouter(prefix="/api/v1/usage", tags=["usage"])
 
@@ -121,7 +123,7 @@ def get_task_metrics(
 ) -> TaskMetricsResponse:
     """Tasks finished in the last ``days`` UTC days: counts by outcome, success rate, duration
     percentiles and cost per task (admin). The ``task_metrics`` rows it reads are specified in
-    ``app.services.task_metrics_report``."""
+    ``app.usage.task_metrics``."""
     return task_metrics_report.task_metrics(session, usage_report.usage_window(days, now))
 
 

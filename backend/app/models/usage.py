@@ -1,0 +1,153 @@
+"""The ledger: one ``llm_usage`` row per LLM call, and its daily rollups.
+
+The schema is Alembic's (``alembic/versions``)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core.money import pico_to_usd
+from app.models.base import Base, new_id, utcnow
+
+
+class LLMUsage(Base):
+    """One row per logical LLM call (SDK retries are counted in ``attempts``, not as rows)."""
+
+    __tablename__ = "llm_usage"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    agent: Mapped[str | None] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(64), default="openai")
+    model: Mapped[str] = mapped_column(String(200))
+    response_model: Mapped[str | None] = mapped_column(String(200))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    total_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_pico_usd: Mapped[int] = mapped_column(
+        BigInteger, default=0, comment="Exact cost in USD x 10^12 (picodollars)"
+    )
+    cost_status: Mapped[str] = mapped_column(String(16), default="priced")
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[str] = mapped_column(String(16))
+    is_stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_partial: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    finish_reason: Mapped[str | None] = mapped_column(String(64))
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    flags: Mapped[str | None] = mapped_column(String(200))
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    span_id: Mapped[str | None] = mapped_column(String(16))
+    timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_llm_usage_task_id_timestamp", "task_id", "timestamp"),
+        Index("ix_llm_usage_user_id_timestamp", "user_id", "timestamp"),
+        Index("ix_llm_usage_timestamp", "timestamp"),
+    )
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return pico_to_usd(self.cost_pico_usd)
+
+
+# Upper bounds (ms) of the latency buckets kept in the daily rollup; the last is +Inf.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+)  # fmt: skip
+
+
+class RollupSums:
+    """The additive columns every usage rollup carries (one definition for all rollup tables)."""
+
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    successes: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    blocked: Mapped[int] = mapped_column(BigInteger, default=0)
+    unpriced_calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    # Latency histogram: non-cumulative counts per LATENCY_BUCKETS_MS bucket; b14 is the overflow.
+    lat_b00: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b01: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b02: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b03: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b04: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b05: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b06: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b07: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b08: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b09: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b10: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b11: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b12: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b13: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_b14: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageRollupDaily(RollupSums, Base):
+    """Per-day aggregates, written in the same transaction as each usage row.
+
+    Dimension columns use '' rather than NULL so the natural key is a plain unique constraint.
+    """
+
+    __tablename__ = "usage_rollup_daily"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date)
+    user_id: Mapped[str] = mapped_column(String(64), default="")
+    task_id: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(200))
+    agent: Mapped[str] = mapped_column(String(64), default="")
+
+    __table_args__ = (
+        UniqueConstraint("day", "user_id", "task_id", "model", "agent", name="uq_usage_rollup_key"),
+        Index("ix_usage_rollup_daily_user_id_day", "user_id", "day"),
+        Index("ix_usage_rollup_daily_task_id_day", "task_id", "day"),
+    )
+
+
+class UsageRollupDailyOverall(RollupSums, Base):
+    """The daily rollup summed over users and tasks: one row per (UTC day, model, agent).
+
+    ``usage_rollup_daily`` has a row per task, so a day of a busy service holds tens of
+    thousands of them and "everyone's spend this month" would add up a million rows. This
+    table answers it from ~20 rows a day. The usage writer increments it in the same
+    transaction as the row and the per-task rollup, so the two always agree.
+    """
+
+    __tablename__ = "usage_rollup_daily_overall"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date)
+    model: Mapped[str] = mapped_column(String(200))
+    agent: Mapped[str] = mapped_column(String(64), default="")
+
+    __table_args__ = (
+        UniqueConstraint("day", "model", "agent", name="uq_usage_rollup_daily_overall_key"),
+    )

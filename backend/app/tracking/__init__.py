@@ -1,0 +1,7 @@
+"""Tracking: every LLM call's tokens, exact price, latency and status, written once to the ledger.
+
+Owns ``LLMClient`` (the one wrapper every call goes through), the per-call tracker (span,
+metrics, usage record), pricing, the usage writer with its spool and the tracking thread of
+async callers. May import ``app.core``, ``app.models``, ``app.observability`` and the runtime
+that carries its resources; never ``app.api`` or the task and agent packages.
+"""

@@ -1,0 +1,106 @@
+"""A local append-only spool for usage rows the database could not take.
+
+Each process appends JSON lines to its own file (fsync'd: this path only runs when the
+database is down, so durability wins over speed). Replay takes an exclusive ``flock`` on a file,
+inserts its rows idempotently (unique ``request_id``) and deletes it, so a row replayed twice,
+or by two processes, is still counted once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from app.tracking.record import UsageRecord
+
+logger = logging.getLogger(__name__)
+
+
+class UsageSpool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._path = directory / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+
+    def append(self, record: UsageRecord) -> None:
+        line = json.dumps(record.to_json(), separators=(",", ":")) + "\n"
+        data = line.encode("utf-8")
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    if not _same_file(fd, self._path):
+                        continue  # a replayer took and deleted the file meanwhile; reopen
+                    os.write(fd, data)
+                    os.fsync(fd)
+                    return
+                finally:
+                    os.close(fd)
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob("spool-*.jsonl"))
+
+    def pending(self) -> int:
+        count = 0
+        for path in self.files():
+            try:
+                with path.open("rb") as fh:
+                    count += sum(1 for _ in fh)
+            except FileNotFoundError:
+                continue
+        return count
+
+    def replay(self, insert_batch: Callable[[Iterable[UsageRecord]], None]) -> int:
+        """Insert every spooled row through ``insert_batch``; returns how many were replayed.
+
+        A file is deleted only after its batch committed; on failure it stays for next time.
+        """
+        replayed = 0
+        for path in self.files():
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another process (or an appender) holds it; next round
+                records = list(_read_records(path))
+                insert_batch(records)
+                os.unlink(path)
+                replayed += len(records)
+            finally:
+                os.close(fd)
+        if replayed:
+            logger.info("Replayed %d spooled usage rows", replayed)
+        return replayed
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _read_records(path: Path) -> Iterable[UsageRecord]:
+    with path.open("r", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield UsageRecord.from_json(json.loads(line))
+            except (ValueError, TypeError):
+                # A torn last line from a crash mid-write: the call never returned, skip it.
+                logger.warning("Skipping unreadable spool line %s:%d", path.name, number)

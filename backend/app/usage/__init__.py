@@ -1,0 +1,6 @@
+"""Usage reports: what a task, a user or everyone spent, read from the ledger and its rollups.
+
+Owns the report queries, the export, the task-metrics report and row retention. May import
+``app.core``, ``app.models``, ``app.schemas``, ``app.access`` (who may read what) and the task
+metrics' definitions in ``app.tasks``; never ``app.api``.
+"""
