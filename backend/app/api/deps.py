@@ -1,13 +1,18 @@
-"""Dependencies shared by the routers."""
+"""Dependencies and parameter types shared by the routers, defined once."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from app.core.runtime import Runtime
+
+# Task and user ids in paths and filters: what the ledger accepts from any caller of LLMClient.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
+ID_DESCRIPTION = "1-64 characters: letters, digits and . _ : @ - (not first)."
 
 
 def get_app_runtime(request: Request) -> Runtime:
@@ -26,3 +31,13 @@ def get_session(request: Request) -> Iterator[Session]:
             yield session
         for callback in session.info.pop("after_commit", []):
             callback()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
+TaskId = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+]
+UserId = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+]

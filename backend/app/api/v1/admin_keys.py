@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Path, Request, Response
 
 from app.access import api_keys
 from app.api.auth import AdminPrincipal, get_access
-from app.api.deps import get_session
+from app.api.deps import SessionDep
 from app.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyView
 
 router = APIRouter(prefix="/api/v1/admin/keys", tags=["admin"])
-SessionDep = Annotated[Session, Depends(get_session)]
 KeyId = Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[0-9a-f]+$")]
 
 

@@ -9,13 +9,11 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from app.api.auth import AccessModeDep, require_metrics_token
-from app.api.deps import get_app_runtime
+from app.api.deps import RuntimeDep
 from app.core.redaction import redact
-from app.core.runtime import Runtime
 from app.observability import render_metrics
 
 router = APIRouter()
-RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
 
 
 class HealthResponse(BaseModel):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from sqlalchemy.orm import Session
 
 from app.api.auth import AdminPrincipal, CurrentPrincipal
-from app.api.deps import get_app_runtime, get_session
+from app.api.deps import RuntimeDep, SessionDep, TaskId, UserId
 from app.budgets import limits as budget_limits
 from app.budgets.limits import ScopeStatus
 from app.budgets.store import OverrideRow
@@ -31,12 +31,6 @@ from app.schemas.limits import (
 
 router = APIRouter(prefix="/api/v1/limits", tags=["limits"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
-RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
-ID_DESCRIPTION = "1-64 characters: letters, digits and . _ : @ - (not first)."
-TaskId = Annotated[str, Path(pattern=ID_PATTERN, description=ID_DESCRIPTION)]
-UserId = Annotated[str, Path(pattern=ID_PATTERN, description=ID_DESCRIPTION)]
 Period = Annotated[Literal["daily", "monthly"], Path(description="The user's UTC day or month.")]
 _USER_SCOPES = {"daily": BudgetScope.USER_DAILY, "monthly": BudgetScope.USER_MONTHLY}
 _WINDOWS: dict[BudgetScope, Literal["lifetime", "day", "month"]] = {

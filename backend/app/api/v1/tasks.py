@@ -8,15 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 
 from app.api.auth import CurrentPrincipal
-from app.api.deps import get_app_runtime, get_session
+from app.api.deps import RuntimeDep, SessionDep, TaskId
 from app.api.guards import limit_task_submissions
 from app.core.errors import InvalidInput
-from app.core.runtime import Runtime
 from app.models import TERMINAL_TASK_STATUSES, Task
 from app.sandbox.runner import InvalidTestCommand, parse_test_command
 from app.sandbox.workspace import (
@@ -37,9 +35,6 @@ from app.tasks import store as task_store
 from app.tasks.views import task_view
 
 router = APIRouter(prefix="/api/v1/task", tags=["tasks"])
-SessionDep = Annotated[Session, Depends(get_session)]
-RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
-TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 SSE_POLL_SECONDS = 0.5
 SSE_MAX_SECONDS = 3600.0
 

@@ -10,15 +10,13 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
-from sqlalchemy.orm import Session
 
 from app.api.auth import AdminPrincipal, CurrentPrincipal
-from app.api.deps import get_app_runtime, get_session
+from app.api.deps import ID_DESCRIPTION, ID_PATTERN, RuntimeDep, SessionDep, TaskId, UserId
 from app.core.errors import InvalidInput
-from app.core.runtime import Runtime
 from app.schemas.usage import (
     OverallUsageResponse,
     TaskMetricsResponse,
@@ -32,8 +30,6 @@ from app.usage.report import MAX_DAYS, MIN_DAYS
 
 router = APIRouter(prefix="/api/v1/usage", tags=["usage"])
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
-ID_DESCRIPTION = "1-64 characters: letters, digits and . _ : @ - (not first)."
 _DAYS_RE = re.compile(r"[0-9]{1,4}")
 _DAYS_MESSAGE = f"days must be an integer from {MIN_DAYS} to {MAX_DAYS}"
 
@@ -60,14 +56,6 @@ def _days(default: int) -> Any:
 
 
 Days = BeforeValidator(_parse_days)
-TaskId = Annotated[
-    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
-]
-UserId = Annotated[
-    str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
-]
-SessionDep = Annotated[Session, Depends(get_session)]
-RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
 
 
 async def utc_now() -> datetime:
