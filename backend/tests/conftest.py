@@ -167,3 +167,26 @@ def tracer(span_exporter: InMemorySpanExporter) -> Tracer:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     return provider.get_tracer("test")
+
+
+# Markers by where a test lives (declared in pyproject.toml): ``pytest -m "not slow"`` is the
+# quick loop; ``make test`` runs everything.
+_DIRECTORY_MARKERS = {
+    "reliability": ("reliability", "slow"),
+    "observability": ("observability", "slow"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.parts
+        for directory, markers in _DIRECTORY_MARKERS.items():
+            if directory in parts:
+                for marker in markers:
+                    item.add_marker(marker)
+        callspec = getattr(item, "callspec", None)
+        uses_postgres = "postgresql_url" in getattr(item, "fixturenames", ()) or (
+            callspec is not None and callspec.params.get("database_url") == "postgresql"
+        )
+        if uses_postgres:
+            item.add_marker("postgres")

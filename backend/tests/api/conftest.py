@@ -1,8 +1,15 @@
-"""A running service (lifespan included) with API keys issued through the real key service."""
+"""The API under test, two ways.
+
+* ``start_service``: a running service (lifespan included) with API keys issued through the real
+  key service, for what authentication and the worker decide.
+* ``report_app`` + ``client`` + ``act_as``: the real application on the test database with its
+  runtime installed as the lifespan would and the caller given (an admin unless ``act_as``), for
+  what the read endpoints answer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +19,9 @@ import pytest
 from fastapi import FastAPI
 
 from app.access import api_keys
+from app.access.principal import Principal
+from app.api.auth import current_principal
+from app.core.config import Settings
 from app.core.db import transaction
 from app.core.runtime import Runtime
 from app.main import create_app
@@ -78,3 +88,60 @@ async def start_service(
         for client in service.clients:
             await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+ADMIN = Principal("root", "admin")
+
+
+@pytest.fixture(scope="session")
+def report_runtimes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Runtime]]:
+    """One runtime per database for the whole session (building one takes ~0.5 s)."""
+    built: dict[str, Runtime] = {}
+    yield built
+    for runtime in built.values():
+        runtime.close()
+
+
+@pytest.fixture
+def report_app(
+    database_url: str,
+    report_runtimes: dict[str, Runtime],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> FastAPI:
+    """The real application on the test database, its runtime installed as the lifespan would
+    (the rest of the lifespan, the task worker and access control, is not needed here). No LLM
+    call is made; the caller is an administrator until ``act_as`` says otherwise."""
+    if database_url not in report_runtimes:
+        settings = Settings(
+            database_url=database_url,
+            openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
+            openai_base_url="http://127.0.0.1:9/v1",  # no LLM call is made here
+            spool_dir=tmp_path_factory.mktemp("spool"),
+            auto_migrate=False,
+        )
+        report_runtimes[database_url] = Runtime.build(settings, start_background=False)
+    application = create_app(report_runtimes[database_url].settings)
+    application.state.runtime = report_runtimes[database_url]
+    # Authentication is the auth module's (and its tests'); here the caller is given.
+    application.dependency_overrides[current_principal] = lambda: ADMIN
+    return application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An ASGI client of the test module's ``app``."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
+        yield c
+
+
+@pytest.fixture
+def act_as(app: FastAPI) -> Callable[[str], None]:
+    """Make the requests come from a non-admin user."""
+
+    def set_user(user_id: str) -> None:
+        app.dependency_overrides[current_principal] = lambda: Principal(user_id, "user")
+
+    return set_user

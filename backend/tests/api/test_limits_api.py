@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -45,13 +45,6 @@ def app(runtime_for_api: Runtime) -> FastAPI:
         return {"status": "called"}
 
     return application
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
-        yield c
 
 
 def act_as_user(app: FastAPI, user_id: str) -> None:

@@ -7,7 +7,7 @@ computed by hand from the rows below. The clock is pinned to ``NOW``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,11 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from app.access.principal import Principal
-from app.api.auth import current_principal
 from app.api.v1.usage import utc_now
-from app.core.config import Settings
-from app.core.runtime import Runtime
-from app.main import create_app
 from app.tasks import store as task_store
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
@@ -83,53 +79,10 @@ def ledger(engine: Engine) -> list[UsageRecord]:
     return LEDGER
 
 
-@pytest.fixture(scope="session")
-def runtimes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Runtime]]:
-    """One runtime per database for the whole session (building one takes ~0.5 s)."""
-    built: dict[str, Runtime] = {}
-    yield built
-    for runtime in built.values():
-        runtime.close()
-
-
 @pytest.fixture
-def app(
-    database_url: str, runtimes: dict[str, Runtime], tmp_path_factory: pytest.TempPathFactory
-) -> FastAPI:
-    """The real application on the test database, its runtime installed as the lifespan would
-    (the rest of the lifespan, the task worker and access control, is not needed here)."""
-    if database_url not in runtimes:
-        settings = Settings(
-            database_url=database_url,
-            openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
-            openai_base_url="http://127.0.0.1:9/v1",  # no LLM call is made here
-            spool_dir=tmp_path_factory.mktemp("spool"),
-            auto_migrate=False,
-        )
-        runtimes[database_url] = Runtime.build(settings, start_background=False)
-    application = create_app(runtimes[database_url].settings)
-    application.state.runtime = runtimes[database_url]
-    application.dependency_overrides[utc_now] = lambda: NOW
-    # Authentication is the auth module's (and its tests'); here the caller is given.
-    application.dependency_overrides[current_principal] = lambda: ADMIN
-    return application
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
-        yield c
-
-
-@pytest.fixture
-def act_as(app: FastAPI) -> Callable[[str], None]:
-    """Make the requests come from a non-admin user."""
-
-    def set_user(user_id: str) -> None:
-        app.dependency_overrides[current_principal] = lambda: Principal(user_id, "user")
-
-    return set_user
+def app(report_app: FastAPI) -> FastAPI:
+    report_app.dependency_overrides[utc_now] = lambda: NOW
+    return report_app
 
 
 def pick(items: list[dict[str, Any]], key: str) -> list[tuple[Any, int, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,10 +15,6 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from app.access.principal import Principal
-from app.api.auth import current_principal
-from app.core.config import Settings
-from app.core.runtime import Runtime
-from app.main import create_app
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
 
@@ -52,47 +48,9 @@ def ledger(engine: Engine) -> None:
             insert_usage(conn, record)
 
 
-@pytest.fixture(scope="session")
-def runtimes() -> Iterator[dict[str, Runtime]]:
-    built: dict[str, Runtime] = {}
-    yield built
-    for runtime in built.values():
-        runtime.close()
-
-
 @pytest.fixture
-def app(
-    database_url: str, runtimes: dict[str, Runtime], tmp_path_factory: pytest.TempPathFactory
-) -> FastAPI:
-    if database_url not in runtimes:
-        settings = Settings(
-            database_url=database_url,
-            openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
-            openai_base_url="http://127.0.0.1:9/v1",
-            spool_dir=tmp_path_factory.mktemp("spool"),
-            auto_migrate=False,
-        )
-        runtimes[database_url] = Runtime.build(settings, start_background=False)
-    application = create_app(runtimes[database_url].settings)
-    application.state.runtime = runtimes[database_url]
-    # Authentication is the auth module's (and its tests'); here the caller is given.
-    application.dependency_overrides[current_principal] = lambda: ADMIN
-    return application
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
-        yield c
-
-
-@pytest.fixture
-def act_as(app: FastAPI) -> Callable[[str], None]:
-    def set_user(user_id: str) -> None:
-        app.dependency_overrides[current_principal] = lambda: Principal(user_id, "user")
-
-    return set_user
+def app(report_app: FastAPI) -> FastAPI:
+    return report_app
 
 
 def parse_csv(text: str) -> list[dict[str, str]]:

@@ -8,7 +8,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-from obs_support import (
+
+from tests.support.observability import (
     COMPOSE_YML,
     DASHBOARD_JSON,
     DASHBOARD_PROVIDERS_YML,

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from obs_support import (
+
+from app.core.config import Settings
+from tests.support.observability import (
     COMPOSE_YML,
     METRICS,
     OBSERVABILITY_MD,
@@ -20,8 +22,6 @@ from obs_support import (
     documented_span_attributes,
     load_yaml,
 )
-
-from app.core.config import Settings
 
 SEED_PROMQL = [
     "sum(llm_cost_usd_total)",

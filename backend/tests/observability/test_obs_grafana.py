@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from obs_support import (
+
+from tests.support.observability import (
     DATASOURCES_YML,
     dashboard_queries,
     exposed_series_names,

@@ -1,7 +1,8 @@
 """A real Prometheus scraping a live ASA backend while known LLM calls are made.
 
-The backend runs as its own process (``live_backend.py``: the real app under uvicorn, calls made
-through ``LLMClient`` inside it, answered by the built-in simulator), exporting spans to an OTLP
+The backend runs as its own process (``tests/support/live_backend.py``: the real app under uvicorn,
+calls made through ``LLMClient`` inside it, answered by the built-in simulator), exporting spans to
+an OTLP
 receiver in this process. Prometheus scrapes it every second with the alert rules loaded. Then
 every PromQL expression we publish (OBSERVABILITY.md, QUICKSTART_OBSERVABILITY.md, the dashboard,
 the alert rules) is evaluated through the HTTP API, and the documented ones must give the values
@@ -30,7 +31,13 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from obs_support import (
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from app.models import LLMUsage
+from app.observability import LLM_LATENCY_BUCKETS
+from tests.support.observability import (
     ALERTS_YML,
     PROMETHEUS_YML,
     SPAN_ATTRIBUTES,
@@ -39,14 +46,8 @@ from obs_support import (
     load_yaml,
     require_tool,
 )
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
-from app.models import LLMUsage
-from app.observability import LLM_LATENCY_BUCKETS
-
-LIVE_BACKEND = Path(__file__).with_name("live_backend.py")
+LIVE_BACKEND = Path(__file__).resolve().parents[1] / "support" / "live_backend.py"
 BACKEND_DIR = Path(__file__).resolve().parents[2]
 BACKEND_JOB = "asa-backend"
 DEADLINE_SECONDS = 20.0

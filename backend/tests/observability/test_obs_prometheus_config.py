@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from obs_support import (
+
+from tests.support.observability import (
     ALERTS_TEST_YML,
     ALERTS_YML,
     PROMETHEUS_YML,

@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from obs_support import (
+
+from tests.support.observability import (
     LABEL_VALUES,
     METRICS,
     PROMETHEUS_SERIES,

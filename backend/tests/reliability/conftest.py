@@ -17,11 +17,12 @@ serving process) against the rows in the database.
 6. ``test_rel_budget_race``: concurrent calls from four processes against a cap on PostgreSQL.
 7. ``test_rel_load``: usage reports and task submissions under load (``bench/load_api.py``).
 
-How the calls are made: ``rel_service.py`` serves the real app with uvicorn and runs a stream of
-tracked calls *inside* that process (see its docstring for why a stream rather than tasks), so a
+How the calls are made: ``tests/support/service.py`` serves the real app with uvicorn and runs a
+stream of tracked calls *inside* that process (see its docstring for why a stream rather than
+tasks), so a
 signal to the process hits the one that tracks the calls. The simulator is its own process
-(``rel_simulator.py``), so its counters survive the service. Every process is a child of the
-test on loopback; every wait is bounded.
+(``tests/support/simulator.py``), so its counters survive the service. Every process is a child of
+the test on loopback; every wait is bounded.
 
 Sizes: ``make test`` runs the CI size (about three minutes on two cores for the whole
 directory). The full size, whose figures are in ``docs/BENCHMARKS.md``::
@@ -33,8 +34,7 @@ directory). The full size, whose figures are in ``docs/BENCHMARKS.md``::
 PostgreSQL scenarios run when ``ASA_TEST_POSTGRES_URL`` (default ``127.0.0.1:5432/test``) is
 reachable; each creates and drops its own database there and never stops the server.
 
-``rel_support`` is imported by path: pytest runs with ``--import-mode=importlib``, which does not
-put test directories on ``sys.path``.
+The helpers are in ``tests/support`` (``reliability``, ``service``, ``simulator``, ``race``).
 """
 
 from __future__ import annotations
@@ -42,18 +42,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from rel_support import (  # noqa: E402
+from tests.support.reliability import (
     DatabaseOutage,
     Ledger,
     PostgresOutage,
@@ -126,7 +121,8 @@ ServiceFactory = Callable[..., ServiceProcess]
 
 @pytest.fixture
 def start_service(tmp_path: Path, sim: SimulatorProcess) -> Iterator[ServiceFactory]:
-    """Start the service (``rel_service.py``) on a database; every start shares one call log.
+    """Start the service (``tests/support/service.py``) on a database; every start shares one call
+    log.
 
     ``start_service(url, name="first", **settings)``: settings are environment variables of the
     service, given as lower-case Settings field names.

@@ -26,13 +26,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import rel_race
-from rel_support import Ledger, SimulatorProcess, forkserver, service_env, size
 from sqlalchemy import create_engine, func, select
 
 from app.budgets.guard import worst_case_tokens
 from app.core.money import usd_to_pico
 from app.models import BudgetCounter
+from tests.support import race as rel_race
+from tests.support.reliability import Ledger, SimulatorProcess, forkserver, service_env, size
 
 PROCESSES = 4
 CALLS_PER_PROCESS = size(60, 250)

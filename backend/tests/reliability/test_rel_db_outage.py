@@ -1,8 +1,9 @@
 """Scenario 3: the database unavailable for a while during a steady stream of tracked calls.
 
 PostgreSQL is made unreachable as if it were stopped: the service's ``DATABASE_URL`` goes through
-a loopback TCP proxy (``rel_support.TcpProxy``) that stops listening and resets every open
-connection, then listens again. SQLite is made unwritable as a backup or a long transaction does
+a loopback TCP proxy (``tests.support.reliability.TcpProxy``) that stops listening and resets every
+open connection, then listens again. SQLite is made unwritable as a backup or a long transaction
+does
 it: another process holds ``BEGIN EXCLUSIVE`` on the file; the service runs with
 ``SQLITE_BUSY_TIMEOUT_SECONDS=0.25`` so a write gives up after a quarter of a second and spools
 its row (with the default 30 s each call would wait 30 s, several times, before doing the same).
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rel_support import (
+from tests.support.reliability import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
     DatabaseOutage,
     Ledger,

@@ -20,10 +20,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from rel_support import BACKEND_DIR, Ledger, SimulatorProcess, read_call_log, size, wait_until
 from sqlalchemy import select
 
 from app.models import Task
+from tests.support.reliability import (
+    BACKEND_DIR,
+    Ledger,
+    SimulatorProcess,
+    read_call_log,
+    size,
+    wait_until,
+)
 
 SECONDS = size(5.0, 60.0)
 CONCURRENCY = size(16, 32)

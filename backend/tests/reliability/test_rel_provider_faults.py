@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rel_support import Ledger, SimulatorProcess, size, wait_until
 
 from app.models import TERMINAL_TASK_STATUSES
+from tests.support.reliability import Ledger, SimulatorProcess, size, wait_until
 
 REPEAT = size(1, 20)
 OK = {"content": "fine"}

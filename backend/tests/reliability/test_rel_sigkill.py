@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rel_support import (
+from tests.support.reliability import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
     DatabaseOutage,
     Ledger,

@@ -1,7 +1,8 @@
 """Scenario 1: SIGTERM to the serving process during a steady stream of tracked calls, restart.
 
-The service (``rel_service.py``) streams calls on four lanes (two plain, one streamed, one async
-on the server's loop) and gets SIGTERM mid-stream; uvicorn shuts down gracefully, the lifespan
+The service (``tests/support/service.py``) streams calls on four lanes (two plain, one streamed,
+one async on the server's loop) and gets SIGTERM mid-stream; uvicorn shuts down gracefully, the
+lifespan
 drains the lanes (the calls in flight finish and are written) and disposes of the runtime, whose
 last act is a final replay of the spool. To give that replay something to do, the database is
 away for a moment before the signal (scenario 3's outage: rows go to the spool) and back just
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rel_support import (
+from tests.support.reliability import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
     DatabaseOutage,
     Ledger,

@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from rel_support import Ledger, SimulatorProcess, read_call_log, size, wait_until
+
+from tests.support.reliability import Ledger, SimulatorProcess, read_call_log, size, wait_until
 
 LANES = {"sync": 2, "stream": 1, "async": 1}
 WARM_UP_SECONDS = size(3.0, 30.0)

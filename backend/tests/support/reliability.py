@@ -1,9 +1,9 @@
 """What the reliability scenarios share: the processes they drive, a loopback TCP proxy, sizes,
 and the ledger count that every scenario ends with.
 
-Processes: ``SimulatorProcess`` (``rel_simulator.py``) is the provider; ``ServiceProcess``
-(``rel_service.py``) is the service under test, serving the real app and making tracked calls in
-its own process. Both are children of the test, on loopback, with every wait bounded.
+Processes: ``SimulatorProcess`` (``tests/support/simulator.py``) is the provider; ``ServiceProcess``
+(``tests/support/service.py``) is the service under test, serving the real app and making tracked
+calls in its own process. Both are children of the test, on loopback, with every wait bounded.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import rel_service
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine, make_url
 
@@ -42,6 +41,7 @@ from app.models import (
     UsageRollupDailyOverall,
 )
 from app.tracking.pricing import PriceBook
+from tests.support import service as rel_service
 
 HERE = Path(__file__).resolve().parent
 BACKEND_DIR = HERE.parents[1]
@@ -157,7 +157,7 @@ class SimulatorProcess(_Child):
 
     def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
         super().__init__(
-            [sys.executable, str(HERE / "rel_simulator.py"), json.dumps(config)],
+            [sys.executable, str(HERE / "simulator.py"), json.dumps(config)],
             base_env(tmp_path),
             tmp_path,
             tmp_path / "simulator.log",

@@ -1,6 +1,7 @@
 """The serving process of the reliability suite: the real ASA service plus a stream of calls.
 
-    serve(env, cwd, log_path, call_log, conn)   (started by ``rel_support.ServiceProcess``)
+    serve(env, cwd, log_path, call_log, conn)   (started by
+    ``tests.support.reliability.ServiceProcess``)
 
 It serves ``create_app()`` with uvicorn on a loopback port, as ``make run`` does, and runs
 a *call stream* inside that same process: lanes (threads) that make tracked LLM calls on the
@@ -9,8 +10,8 @@ lanes with ``stream=True`` read to the end, ``async`` lanes through ``AsyncLLMCl
 server's event loop. So a SIGTERM or SIGKILL sent to this process hits the process that tracks
 the calls, its usage writer, its spool and its budget reservations; the HTTP API stays
 available to the test on the same port. The process is forked from a forkserver that has
-imported the app once (``rel_support.forkserver``), so a restart costs a second, not the
-several seconds of importing the openai SDK.
+imported the app once (``tests.support.reliability.forkserver``), so a restart costs a second, not
+the several seconds of importing the openai SDK.
 
 Why a stream and not tasks: the service makes LLM calls from its task worker, but a task spends
 most of its time cloning and running tests, so tasks give a few calls a second. The stream is
