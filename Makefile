@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format migrate install simulator bench clean
+.PHONY: run test lint format migrate install simulator bench lock clean
 
-$(STAMP): backend/pyproject.toml
+# Installs exactly the versions pinned in backend/constraints.txt (refresh them with `make lock`).
+$(STAMP): backend/pyproject.toml backend/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e 'backend[dev]'
+	$(BIN)/python -m pip install --quiet -c backend/constraints.txt -e 'backend[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +40,16 @@ test: lint
 
 bench: $(STAMP)
 	cd backend && .venv/bin/python ../bench/llm_overhead.py
+
+# Re-resolve every dependency to its newest allowed version and pin the result.
+lock:
+	rm -rf /tmp/asa-lock-venv && $(PYTHON) -m venv /tmp/asa-lock-venv
+	/tmp/asa-lock-venv/bin/python -m pip install --quiet --upgrade pip
+	/tmp/asa-lock-venv/bin/python -m pip install --quiet -e 'backend[dev]'
+	{ echo '# Pinned versions that `make run` and `make test` install (pip constraints).'; \
+	  echo '# Refresh: `make lock` (resolves backend/pyproject.toml afresh in a scratch venv).'; \
+	  /tmp/asa-lock-venv/bin/python -m pip freeze --exclude-editable; } > backend/constraints.txt
+	rm -rf /tmp/asa-lock-venv
 
 clean:
 	rm -rf $(VENV) backend/data
