@@ -2,6 +2,8 @@
 
 Owns ``LLMClient`` (the one wrapper every call goes through), the per-call tracker (span,
 metrics, usage record), pricing, the usage writer with its spool and the tracking thread of
-async callers. May import ``app.core``, ``app.models``, ``app.observability`` and the runtime
-that carries its resources; never ``app.api`` or the task and agent packages.
+async callers. May import ``app.core``, ``app.models``, ``app.observability``, the runtime that
+carries its resources, and ``app.usage.queries`` (the seed's ``get_task_usage`` and
+``check_usage_limits`` on the client read spend through it); never ``app.api`` or the task and
+agent packages.
 """
