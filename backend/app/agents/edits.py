@@ -40,6 +40,7 @@ __all__ = [
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _HUNK_SUBJECT = "the hunk's context and '-' lines"
+_LINE_NUMBER = re.compile(r"^ *\d+\|(?: |$)")
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,19 @@ def _split(text: str) -> list[str]:
     return text.removesuffix("\n").split("\n") if text else []
 
 
+def _without_line_numbers(
+    search: list[str], replace: list[str]
+) -> tuple[list[str], list[str]] | None:
+    """Search and replace without the ``  12| `` prefixes FixAgent's prompt shows code with,
+    when the model copied them along (every SEARCH line has one); else None."""
+    if not search or not all(_LINE_NUMBER.match(line) for line in search):
+        return None
+    return (
+        [_LINE_NUMBER.sub("", line, count=1) for line in search],
+        [_LINE_NUMBER.sub("", line, count=1) for line in replace],
+    )
+
+
 def _apply_search_replace(document: _Document, edit: SearchReplace, label: str) -> list[str]:
     search, replace = _split(edit.search), _split(edit.replace)
     if not search:
@@ -186,7 +200,15 @@ def _apply_search_replace(document: _Document, edit: SearchReplace, label: str) 
     try:
         match = locate(document.lines, search, replace)
     except MatchProblem as problem:
-        raise EditError(problem.detail) from problem
+        unnumbered = _without_line_numbers(search, replace)
+        if unnumbered is None:
+            raise EditError(problem.detail) from problem
+        try:
+            match = locate(document.lines, *unnumbered)
+        except MatchProblem:
+            raise EditError(problem.detail) from problem
+        document.lines[match.start : match.end] = match.replacement
+        return [f"{label}: matched once the copied line numbers were removed."]
     document.lines[match.start : match.end] = match.replacement
     return [] if match.kind == "exact" else [f"{label}: matched with {match.kind} tolerance."]
 

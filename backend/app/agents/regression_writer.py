@@ -6,12 +6,16 @@ from pathlib import Path
 
 from app.agents import repo_context
 from app.agents.base import EDIT_FORMAT, Agent
+from app.agents.localize import localize
+from app.agents.prompt_context import DEFAULT_BUDGET_TOKENS, LINE_NUMBER_NOTE, render_context
+from app.agents.symbols import build_index
 
 REGRESSION_TEST_NAME = "test_asa_regression.py"
 
 SYSTEM_PROMPT = f"""You are TestGenerator. The repository's tests pass, yet the bug report
 describes a bug. Write ONE new test file that fails because of the bug and will pass once it is
 fixed. Do not change any existing file.
+{LINE_NUMBER_NOTE}
 
 {EDIT_FORMAT}"""
 
@@ -31,15 +35,13 @@ class RegressionTestWriter(Agent):
         """The model's reply and the path the new test should have."""
         files = repo_context.list_files(repo)
         path = self.regression_test_path(repo, files)
-        mentioned = repo_context.relevant_files(repo, files, output, bug_description)
+        loc = localize(repo, bug_description, output, index=build_index(repo, files))
+        context = render_context(loc, DEFAULT_BUDGET_TOKENS)
         prompt = "\n\n".join(
             [
                 f"## Bug report\n{bug_description}",
                 f"## Test command (currently passing)\n`{test_command}`",
-                f"## Repository map\n{repo_context.repo_map(repo, files)}",
-                "## Relevant files\n" + repo_context.render_files(repo, mentioned)
-                if mentioned
-                else "",
+                *context.render(["definitions", "callees", "neighbours", "map", "left_out"]),
                 f"Create the new test file `{path}` (empty SEARCH part).",
             ]
         )

@@ -510,3 +510,15 @@ def test_edited_file_keeps_its_mode(repo: Path) -> None:
 
     assert os.stat(script).st_mode & 0o777 == 0o755
     assert script.read_text() == "#!/bin/sh\necho hello\n"
+
+
+def test_line_numbers_copied_from_the_prompt_are_not_part_of_the_search(repo: Path) -> None:
+    reply = block(
+        "pkg/calc.py",
+        "    1| def add(a, b):\n    2|     return a - b\n",
+        ("    1| def add(a, b):\n    2|     return a + b\n"),
+    )
+
+    apply_reply(repo, reply)
+
+    assert (repo / "pkg" / "calc.py").read_text() == CALC.replace("a - b", "a + b")
