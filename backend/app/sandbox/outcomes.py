@@ -1,7 +1,8 @@
 """Read a test run's verdict from its exit code and, where recognisable, its summary line.
 
 pytest (``3 passed, 1 failed``) and unittest (``Ran 4 tests`` ... ``FAILED (failures=1)``) are
-recognised; for anything else only the exit code counts.
+recognised; for anything else only the exit code counts. The summary starts with what the
+sandbox did to the run, if anything: a timeout, or an aggregate cap it ran into.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ _PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?)\b")
 _UNITTEST_RAN = re.compile(r"^Ran (\d+) tests? in", re.MULTILINE)
 _UNITTEST_FAILED = re.compile(r"^FAILED \(([^)]*)\)", re.MULTILINE)
 _SUMMARY_LINES = 25
+_LIMIT_NOTES = {
+    "memory": "[a process of the test command was killed: the task's memory cap was reached]",
+    "processes": "[the test command could not start more processes: the task's cap was reached]",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +40,11 @@ class SuiteOutcome:
 def parse_outcome(run: RunResult) -> SuiteOutcome:
     passed, failed = _counts(run.output)
     tail = "\n".join(run.output.rstrip().splitlines()[-_SUMMARY_LINES:])
+    notes = [_LIMIT_NOTES[limit] for limit in run.limits_hit if limit in _LIMIT_NOTES]
     if run.timed_out:
-        tail = f"[the test command timed out after {run.duration_s:.0f} s]\n" + tail
+        notes.insert(0, f"[the test command timed out after {run.duration_s:.0f} s]")
+    if notes:
+        tail = "\n".join([*notes, tail])
     return SuiteOutcome(run.exit_code, passed, failed, run.timed_out, tail)
 
 

@@ -4,6 +4,7 @@ against the simulator's scripted replies, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,7 +72,10 @@ BAD_EDIT = """mathlib.py
 >>>>>>> REPLACE
 """
 # Plugin autoload would import every installed pytest plugin in each run (seconds each).
-PYTEST = f"env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {sys.executable} -m pytest -q -p no:cacheprovider"
+# The interpreter's installation: test commands run sandboxed, and the sandbox never sees the
+# service's virtual environment (pytest is installed in the installation too).
+PYTHON = os.path.realpath(sys.executable)
+PYTEST = f"env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PYTHON} -m pytest -q -p no:cacheprovider"
 TERMINAL = {"succeeded", "failed", "budget_exceeded", "cancelled", "error"}
 
 
@@ -282,7 +286,7 @@ async def test_a_running_task_is_cancelled_at_its_next_step(
         tmp_path, {"slow_test.py": "import time\ntime.sleep(2)\nraise SystemExit(1)\n"}
     )
     client = await api()
-    task_id = await submit(client, repo, test_command=f"{sys.executable} slow_test.py")
+    task_id = await submit(client, repo, test_command=f"{PYTHON} slow_test.py")
     for _ in range(100):
         if (await client.get(f"/api/v1/task/{task_id}")).json()["step"] == "reproducing":
             break
@@ -303,7 +307,7 @@ async def test_a_hanging_test_command_is_killed_and_the_task_ends(
     client = await api(task_test_timeout_seconds=1)
 
     task = await wait_done(
-        client, await submit(client, repo, test_command=f"{sys.executable} hang.py", max_attempts=1)
+        client, await submit(client, repo, test_command=f"{PYTHON} hang.py", max_attempts=1)
     )
 
     assert task["status"] == "failed"
@@ -320,7 +324,7 @@ async def test_the_test_command_never_sees_the_providers_key(
     client = await api()
 
     task = await wait_done(
-        client, await submit(client, repo, test_command=f"{sys.executable} leak.py", max_attempts=1)
+        client, await submit(client, repo, test_command=f"{PYTHON} leak.py", max_attempts=1)
     )
 
     before = task["result"]["tests_before"]["summary"]
