@@ -6,18 +6,29 @@ as the local administrator, but only while the server is bound to a loopback add
 for a request that comes from this machine directly (not through a forwarding proxy). Once a
 key exists, every ``/api`` route requires a valid one; revoking every key does not reopen the
 service. A server bound elsewhere without any key refuses to start.
+
+"Bound to a loopback address" is checked twice: ``BIND_HOST`` at start-up, and the sockets the
+process actually listens on (``listening_addresses``), at start-up and again, at most once a
+second, while open mode serves requests: the server binds its socket after the application has
+started, so ``uvicorn --host 0.0.0.0`` run directly is caught by the second check, which then
+refuses every keyless request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import logging
 import math
+import os
+import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
@@ -63,6 +74,45 @@ def is_loopback(host: str | None) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def listening_addresses() -> list[str] | None:
+    """The local addresses of every TCP socket this process listens on; None when the process's
+    descriptors cannot be listed (then nothing is known to be safe)."""
+    fd_dir = Path("/proc/self/fd") if Path("/proc/self/fd").is_dir() else Path("/dev/fd")
+    try:
+        descriptors = [int(name) for name in os.listdir(fd_dir) if name.isdigit()]
+    except OSError:
+        return None
+    accepting = getattr(socket, "SO_ACCEPTCONN", None)
+    # A socket object built on a descriptor changes nothing about it, unless a default timeout
+    # is set (it would make the descriptor non-blocking): then we do not look.
+    if accepting is None or socket.getdefaulttimeout() is not None:
+        return None
+    found: list[str] = []
+    for fd in descriptors:
+        with contextlib.suppress(OSError):  # closed meanwhile, or not a socket after all
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+            try:
+                if (
+                    sock.family in (socket.AF_INET, socket.AF_INET6)
+                    and sock.type == socket.SOCK_STREAM
+                    and sock.getsockopt(socket.SOL_SOCKET, accepting)
+                ):
+                    found.append(str(sock.getsockname()[0]))
+            finally:
+                sock.detach()
+    return found
+
+
+def exposed_listeners() -> list[str]:
+    """The addresses this process listens on that are not loopback (``["?"]`` when unknown)."""
+    addresses = listening_addresses()
+    if addresses is None:
+        return ["?"]
+    return sorted({address for address in addresses if not is_loopback(address)})
+
+
 class Authenticator:
     """Resolves a bearer key to a principal, with a short in-memory cache."""
 
@@ -73,6 +123,7 @@ class Authenticator:
         open_mode_allowed: bool,
         cache_seconds: float = AUTH_CACHE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        exposed: Callable[[], list[str]] = exposed_listeners,
     ) -> None:
         self._session_factory = session_factory
         self.open_mode_allowed = open_mode_allowed
@@ -82,6 +133,32 @@ class Authenticator:
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._keys_configured = False
         self._keys_checked_at = -math.inf
+        self._exposed = exposed
+        self._exposed_now: list[str] = []
+        self._exposed_checked_at = -math.inf
+
+    def exposed_addresses(self) -> list[str]:
+        """Non-loopback addresses the process listens on (re-read at most once per cache time).
+
+        Once one is seen, open mode stays off for the life of the process.
+        """
+        if self._exposed_now:
+            return self._exposed_now
+        now = self._clock()
+        if now - self._exposed_checked_at >= self._cache_seconds:
+            exposed = self._exposed()
+            with self._lock:
+                self._exposed_checked_at = now
+                if exposed and not self._exposed_now:
+                    self._exposed_now = exposed
+                    logger.error(
+                        "Access: open local mode is OFF - this process listens on %s, not only "
+                        "on loopback, and no API key exists: every request without a key is "
+                        "refused. Create a key (asa keys create --user NAME --admin) or bind "
+                        "to 127.0.0.1.",
+                        ", ".join(exposed),
+                    )
+        return self._exposed_now
 
     def keys_configured(self) -> bool:
         """Has any key been issued? Once true it stays true (rows are revoked, never deleted).
@@ -106,7 +183,9 @@ class Authenticator:
 
     @property
     def mode(self) -> AccessMode:
-        return "open" if self.open_mode_allowed and not self.keys_configured() else "keys"
+        if not self.open_mode_allowed or self.keys_configured():
+            return "keys"
+        return "keys" if self.exposed_addresses() else "open"
 
     def authenticate(self, key: str | None, *, local_request: bool) -> Principal:
         """The caller's principal; ``Unauthorized`` for a missing, unknown or revoked key."""
@@ -117,6 +196,12 @@ class Authenticator:
                 raise Unauthorized(
                     "Open local mode serves only requests made on this machine; "
                     "send an API key (Authorization: Bearer <key>)."
+                )
+            if self._exposed_now and not self.keys_configured():
+                raise Unauthorized(
+                    "Open local mode is off: this server listens on an address other machines "
+                    "can reach. Create an API key (asa keys create --user NAME --admin) and "
+                    "send it (Authorization: Bearer <key>), or bind to 127.0.0.1."
                 )
             raise Unauthorized("An API key is required (Authorization: Bearer <key>).")
         digest = api_keys.hash_key(key)
@@ -170,11 +255,27 @@ class AccessControl:
 
 
 def start_access_control(
-    settings: Settings, session_factory: sessionmaker[Session]
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    *,
+    exposed: Callable[[], list[str]] = exposed_listeners,
 ) -> AccessControl:
-    """Decide the access mode at start-up, say it in the log, refuse an exposed open service."""
+    """Decide the access mode at start-up, say it in the log, refuse an exposed open service.
+
+    ``exposed`` lists the non-loopback addresses the process listens on (see the module
+    docstring); the default reads the process's own sockets.
+    """
     open_allowed = is_loopback(settings.bind_host)
-    authenticator = Authenticator(session_factory, open_mode_allowed=open_allowed)
+    authenticator = Authenticator(session_factory, open_mode_allowed=open_allowed, exposed=exposed)
+    if open_allowed and not authenticator.keys_configured():
+        listening = authenticator.exposed_addresses()
+        if listening:
+            raise InsecureStartupError(
+                f"Refusing to start: this process listens on {', '.join(listening)}, not only on "
+                "loopback, and no API key exists, so anyone who can reach the service could use "
+                "it. Create a key first (asa keys create --user NAME --admin, with the same "
+                "DATABASE_URL) or bind to 127.0.0.1."
+            )
     if authenticator.keys_configured():
         logger.info(
             "Access: API keys required on every /api route (bound to %s)", settings.bind_host

@@ -17,12 +17,16 @@ logger = logging.getLogger(__name__)
 
 
 def create_db_engine(url: str, *, sqlite_busy_timeout: float = 30.0, **kwargs: Any) -> Engine:
-    """Build an engine tuned for a ledger: SQLite in WAL mode, pooled PostgreSQL.
+    """Build an engine tuned for a ledger: SQLite in WAL mode, pooled PostgreSQL; errors and
+    logs never carry statement parameters (``hide_parameters``).
 
     ``sqlite_busy_timeout``: seconds a SQLite statement waits for another connection's lock
     before it fails (a usage row then goes to the spool).
     """
     parsed = make_url(url)
+    # A statement's parameters are what users sent (bug text, repository URLs): an error's text,
+    # which ends up in logs and tracebacks, shows the SQL but never them.
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

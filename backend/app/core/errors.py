@@ -1,13 +1,15 @@
 """The small hierarchy of errors we expect, and the one handler that renders them.
 
 Every expected condition becomes ``{"error": <code>, "detail": <message>, ...}`` with its status;
-anything unexpected becomes a 500 with a generic body (the traceback goes to the log only).
+anything unexpected becomes a 500 with a generic body, and the log gets its type and traceback
+frames but never its message (``describe_unexpected``: a message can quote the request).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import traceback
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -15,7 +17,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.redaction import redact
 
@@ -76,6 +80,13 @@ class TooManyRequests(AppError):
         retry_after = max(1, math.ceil(retry_after_seconds))
         super().__init__(detail, retry_after_seconds=retry_after)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class QueueFull(AppError):
+    """The user already has ``TASK_MAX_QUEUED_PER_USER`` tasks waiting; nothing was queued."""
+
+    status_code = 429
+    code = "queue_full"
 
 
 class BudgetExceededError(AppError):
@@ -158,9 +169,68 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse({"error": "invalid_input", "detail": errors}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("Unhandled error")
-        return JSONResponse(
-            {"error": "internal_error", "detail": "An unexpected error occurred."}, status_code=500
-        )
+    app.add_middleware(UnexpectedErrorMiddleware)
+
+
+class UnexpectedErrorMiddleware:
+    """Answers 500 ``internal_error`` to any exception the handlers above do not render, and
+    logs it with ``describe_unexpected`` only.
+
+    Middleware rather than an ``Exception`` handler: Starlette re-raises after running such a
+    handler, and the server then logs the exception's message (which may quote the request).
+    An exception after the response has started ends the response where it is.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            logger.error("Unhandled error: %s", describe_unexpected(exc))
+            if started:
+                return
+            response = JSONResponse(
+                {"error": "internal_error", "detail": "An unexpected error occurred."},
+                status_code=500,
+            )
+            await response(scope, receive, send)
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """What the log may say about an unexpected error: its type, where it was raised, and for a
+    database error its SQLSTATE and SQL text, never its message.
+
+    A message can quote what the caller sent (a database driver's error names the offending
+    value, pydantic's quotes the input), so none is written; the traceback's frames are enough
+    to find the fault, and the request can be replayed to see the value.
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kind = type(current)
+        line = f"{kind.__module__}.{kind.__qualname__}"
+        if isinstance(current, DBAPIError):
+            sqlstate = getattr(current.orig, "sqlstate", None) or getattr(
+                current.orig, "sqlite_errorname", None
+            )
+            line += f" (driver error {type(current.orig).__name__}, sqlstate {sqlstate})"
+            line += f"\n  statement: {' '.join(str(current.statement or '').split())[:1000]}"
+        frames = traceback.extract_tb(current.__traceback__)
+        line += "".join(f"\n  at {f.filename}:{f.lineno} in {f.name}" for f in frames)
+        parts.append(line)
+        current = current.__cause__ or current.__context__
+    return "\ncaused by: ".join(parts)

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.models import NAME_MAX_CHARS, USER_ID_PATTERN
+from app.schemas.text import StorableText
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -27,7 +28,7 @@ class ApiKeyCreate(BaseModel):
         examples=["alice"],
     )
     role: Literal["user", "admin"] = "user"
-    name: str | None = Field(
+    name: StorableText | None = Field(
         default=None,
         max_length=NAME_MAX_CHARS,
         pattern=r"^[^\x00-\x1f\x7f]*$",

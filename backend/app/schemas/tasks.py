@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.schemas.text import StorableText
+
 TaskStatus = Literal[
     "queued", "running", "succeeded", "failed", "budget_exceeded", "cancelled", "error"
 ]
@@ -19,17 +21,23 @@ class TaskSubmitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    repo_url: str = Field(
+    repo_url: StorableText = Field(
         min_length=1, max_length=2048, examples=["https://github.com/example/repo"]
     )
-    bug_description: str = Field(min_length=1, max_length=20_000)
-    test_command: str = Field(min_length=1, max_length=2_000, examples=["pytest"])
-    model: str | None = Field(default=None, pattern=MODEL_PATTERN)
+    bug_description: StorableText = Field(min_length=1, max_length=20_000)
+    test_command: StorableText = Field(min_length=1, max_length=2_000, examples=["pytest"])
+    model: StorableText | None = Field(default=None, pattern=MODEL_PATTERN)
     max_cost_usd: Decimal | None = Field(
-        default=None, gt=0, le=10_000, max_digits=18, decimal_places=12
+        default=None,
+        gt=0,
+        le=10_000,
+        max_digits=18,
+        decimal_places=12,
+        description="Lowers the task's cost cap (BUDGET_TASK_MAX_USD). Only an administrator "
+        "may raise it: a user's higher value is lowered to the cap that applies.",
     )
     max_attempts: int = Field(default=3, ge=1, le=10)
-    ref: str | None = Field(default=None, min_length=1, max_length=255)
+    ref: StorableText | None = Field(default=None, min_length=1, max_length=255)
 
     @field_validator("bug_description", "test_command")
     @classmethod
@@ -44,6 +52,11 @@ class TaskSubmitted(BaseModel):
     status: TaskStatus
     status_url: str
     events_url: str
+    max_cost_usd: Decimal | None = Field(
+        default=None,
+        description="The cost cap that applies to the task: your max_cost_usd, lowered to the "
+        "administrator's cap if it was higher; the cap itself when you set none; null: none.",
+    )
 
 
 class TestOutcome(BaseModel):

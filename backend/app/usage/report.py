@@ -13,7 +13,8 @@ range scan however many calls there were. Rules a caller may rely on:
   inside the bucket holding the rank, exactly as Prometheus' ``histogram_quantile`` does; it is
   accurate to the bucket's width. When the rank falls in the overflow bucket (> 120 s) the
   estimate is the last finite bound, 120 000 ms.
-- A task is "unknown" (``NotFound``) when the rollup holds no call for it.
+- A task is "unknown" (``NotFound``) when the rollup holds no call for it, and to anyone but
+  an admin when its calls were not all made for the caller (no existence oracle).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Literal, TypeVar
 from sqlalchemy.orm import Session
 
 from app.access.principal import Principal
-from app.core.errors import Forbidden, NotFound
+from app.core.errors import NotFound
 from app.core.money import pico_to_usd
 from app.models import LATENCY_BUCKETS_MS
 from app.schemas.usage import (
@@ -152,14 +153,13 @@ def _groups(
 def authorize_task(session: Session, principal: Principal, task_id: str) -> list[str]:
     """The task's user ids, if ``principal`` may read the task.
 
-    ``NotFound`` when no call was recorded for it; ``Forbidden`` unless the principal is an
-    admin or every call of the task was made for the principal.
+    ``NotFound`` when no call was recorded for it, and, with the very same answer, unless the
+    principal is an admin or every call of the task was made for the principal: another user's
+    task is indistinguishable from one that does not exist.
     """
     user_ids = usage_queries.task_user_ids(session.connection(), task_id)
-    if user_ids is None:
+    if user_ids is None or (not principal.is_admin and user_ids != [principal.user_id]):
         raise NotFound(f"No usage recorded for task {task_id!r}.")
-    if not principal.is_admin and user_ids != [principal.user_id]:
-        raise Forbidden("You may only read the usage of your own tasks.")
     return user_ids
 
 

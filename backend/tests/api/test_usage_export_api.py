@@ -121,7 +121,7 @@ async def test_users_export_their_own_rows_only(
     assert (await client.get("/api/v1/usage/export?user_id=bob")).status_code == 200
     assert (await client.get("/api/v1/usage/export?task_id=t2")).status_code == 200
     assert (await client.get("/api/v1/usage/export?user_id=alice")).status_code == 403
-    assert (await client.get("/api/v1/usage/export?task_id=t1")).status_code == 403
+    assert (await client.get("/api/v1/usage/export?task_id=t1")).status_code == 404  # as absent
     assert (await client.get("/api/v1/usage/export")).status_code == 403
 
 

@@ -165,7 +165,11 @@ class SimulatorProcess(_Child):
         ready = self.read(START_SECONDS)
         self.url = f"http://127.0.0.1:{ready['port']}"
         self.base_url = f"{self.url}/v1"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.http = httpx.Client(
+            base_url=self.url,
+            timeout=30,
+            headers={"Authorization": f"Bearer {ready['control_token']}"},  # opens /sim/*
+        )
 
     def stats(self) -> dict[str, Any]:
         answer: dict[str, Any] = self.http.get("/sim/stats").raise_for_status().json()

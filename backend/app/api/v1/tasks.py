@@ -51,10 +51,20 @@ def submit_task(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> TaskSubmitted:
-    """Queue a task. The repository URL, ref and test command are checked before queueing."""
+    """Queue a task. The repository URL, ref and test command are checked before queueing.
+
+    ``max_cost_usd`` lowers the task's cost cap; a user's higher value is lowered to the cap that
+    applies (the answer's ``max_cost_usd`` says which). A user with TASK_MAX_QUEUED_PER_USER
+    tasks waiting gets 429 ``queue_full``.
+    """
     try:
-        # A local path reads the server's disk: administrators (and the open local mode) only.
-        validate_repo_url(body.repo_url, allow_local=principal.is_admin)
+        # A local path reads the server's disk, a private address reaches the server's network:
+        # administrators (and the open local mode) only.
+        validate_repo_url(
+            body.repo_url,
+            allow_local=principal.is_admin,
+            allow_private_hosts=principal.is_admin,
+        )
         if body.ref is not None:
             validate_git_ref(body.ref)
         parse_test_command(body.test_command)
@@ -65,15 +75,26 @@ def submit_task(
             InvalidTestCommand: "test_command",
         }[type(exc)]
         raise InvalidInput(str(exc), field=field) from exc
+    settings = runtime.settings
     task = task_store.create_task(
-        session, principal, body, body.model or runtime.settings.default_model
+        session,
+        principal,
+        body,
+        body.model or settings.default_model,
+        default_max_cost_usd=settings.budget_task_max_usd,
+        max_queued_per_user=settings.task_max_queued_per_user,
     )
     worker = runtime.task_worker
     if worker is not None:
         session.info.setdefault("after_commit", []).append(worker.wake)
     status_url = _status_url(task)
+    cap, _ = task_store.task_cost_cap(principal, body.max_cost_usd, settings.budget_task_max_usd)
     return TaskSubmitted(
-        task_id=task.id, status="queued", status_url=status_url, events_url=status_url + "/events"
+        task_id=task.id,
+        status="queued",
+        status_url=status_url,
+        events_url=status_url + "/events",
+        max_cost_usd=cap,
     )
 
 

@@ -72,7 +72,8 @@ def get_task_usage(
 ) -> TaskUsageResponse:
     """Everything a task's calls cost, by model, UTC day and agent (all time).
 
-    404 when no call was recorded for the task; 403 unless you are an admin or the task's user.
+    404 when no call was recorded for the task, and the same 404 unless you are an admin or the
+    task's user.
     """
     return usage_report.task_usage(session, principal, task_id)
 
