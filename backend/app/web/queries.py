@@ -1,0 +1,234 @@
+"""The console's reads that no API endpoint makes: filtered task pages, a task's calls in
+order, and rollup sums grouped by user or task.
+
+Every figure of spend comes from the daily rollups (``usage_rollup_daily`` per user and task,
+``usage_rollup_daily_overall`` for everyone), as the usage reports' do, so a page costs an
+index range scan whatever the number of calls. Visibility is the API's: a user's reads are
+restricted to their own ``user_id`` here, in the query, never after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+
+from sqlalchemy import BigInteger, Connection, Float, and_, cast, func, or_, select, union_all
+from sqlalchemy.orm import Session, defer
+
+from app.access.principal import Principal
+from app.models import (
+    TASK_STATUSES,
+    LLMUsage,
+    Task,
+    UsageRollupDaily,
+    UsageRollupDailyOverall,
+)
+from app.usage.queries import SUM_FIELDS, UsageSums
+
+Dimension = Literal["user", "task", "model", "agent", "day"]
+_COLUMNS: dict[Dimension, str] = {
+    "user": "user_id", "task": "task_id", "model": "model", "agent": "agent", "day": "day",
+}  # fmt: skip
+MAX_TASK_CALLS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    status: str | None = None
+    user_id: str | None = None  # administrators only; a user always sees their own
+    repo: str | None = None  # a substring of the repository URL
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCursor:
+    """Where a page of the task list starts: after the task (``created_at``, ``task_id``) in
+    newest-first order. Pages by cursor cost the same at any depth, unlike an OFFSET."""
+
+    created_at: datetime
+    task_id: str
+
+    def encode(self) -> str:
+        return f"{_as_utc(self.created_at).isoformat()}~{self.task_id}"
+
+    @classmethod
+    def decode(cls, text: str) -> TaskCursor:
+        """``ValueError`` for anything but what ``encode`` makes."""
+        stamp, _, task_id = text.partition("~")
+        if not task_id or len(task_id) > 64:
+            raise ValueError("not a task list cursor")
+        return cls(_as_utc(datetime.fromisoformat(stamp)), task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    rows: Sequence[Task]
+    total: int | None  # None: not counted (a substring filter would read every row to count)
+    older: TaskCursor | None  # where the next page starts; None: this is the last
+
+
+def list_tasks(
+    session: Session,
+    principal: Principal,
+    flt: TaskFilter,
+    limit: int,
+    before: TaskCursor | None = None,
+) -> TaskPage:
+    """A page of the tasks ``principal`` may see (``app.tasks.store.list_tasks``' rule), newest
+    first, from ``before`` on, and how many match. The large text columns are not loaded.
+
+    Every page is read in index order and stops after ``limit`` rows: through ``(user_id,
+    created_at)`` for one user's tasks, ``(status, created_at)`` for one status, and for all
+    statuses one such ordered scan per status, merged (the schema has no index on
+    ``created_at`` alone, so an unfiltered ``ORDER BY created_at`` would sort every row).
+    """
+    conditions: list[Any] = []
+    if not principal.is_admin:
+        conditions.append(Task.user_id == principal.user_id)
+    elif flt.user_id:
+        conditions.append(Task.user_id == flt.user_id)
+    if flt.status:
+        conditions.append(Task.status == flt.status)
+    if flt.repo:
+        conditions.append(Task.repo_url.contains(flt.repo, autoescape=True))
+    total = None
+    if flt.repo is None:  # the others are counted from an index
+        total = int(session.scalar(select(func.count()).select_from(Task).where(*conditions)) or 0)
+    paged = list(conditions)
+    if before is not None:
+        paged.append(
+            or_(
+                Task.created_at < before.created_at,
+                and_(Task.created_at == before.created_at, Task.id > before.task_id),
+            )
+        )
+    newest = (Task.created_at.desc(), Task.id)
+    if flt.status or not principal.is_admin or flt.user_id:
+        ids: Any = select(Task.id).where(*paged).order_by(*newest).limit(limit + 1)
+    else:
+        branches = [
+            select(Task.id, Task.created_at)
+            .where(Task.status == status, *paged)
+            .order_by(*newest)
+            .limit(limit + 1)
+            .subquery()
+            for status in TASK_STATUSES
+        ]
+        merged = union_all(*(select(b.c.id, b.c.created_at) for b in branches)).subquery()
+        ids = select(merged.c.id).order_by(merged.c.created_at.desc(), merged.c.id)
+        ids = ids.limit(limit + 1)
+    page_ids = list(session.scalars(ids))
+    found = {
+        task.id: task
+        for task in session.scalars(
+            select(Task)
+            .options(defer(Task.diff), defer(Task.tests_before), defer(Task.tests_after))
+            .where(Task.id.in_(page_ids[:limit]))
+        )
+    }
+    rows = [found[i] for i in page_ids[:limit] if i in found]
+    older = TaskCursor(rows[-1].created_at, rows[-1].id) if len(page_ids) > limit else None
+    return TaskPage(rows=rows, total=total, older=older)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def task_calls(session: Session, task_id: str, limit: int = MAX_TASK_CALLS) -> Sequence[LLMUsage]:
+    """The task's LLM calls in the order they were made (the caller checked the task is
+    visible)."""
+    return session.scalars(
+        select(LLMUsage)
+        .where(LLMUsage.task_id == task_id)
+        .order_by(LLMUsage.timestamp, LLMUsage.id)
+        .limit(limit)
+    ).all()
+
+
+def _sum(column: Any, name: str) -> Any:
+    # Typed: PostgreSQL's SUM(bigint) is numeric, which would come back as Decimal.
+    return cast(func.sum(column), Float if name == "latency_ms_sum" else BigInteger)
+
+
+def rollup_groups(
+    conn: Connection,
+    keys: Sequence[Dimension],
+    since_day: date,
+    until_day: date,
+    *,
+    user_id: str | None = None,
+    cost_only: bool = False,
+) -> list[tuple[tuple[Any, ...], UsageSums]]:
+    """Sums per combination of ``keys`` over days in ``[since_day, until_day)``, of one user's
+    calls or (``user_id`` None) everyone's.
+
+    Everyone's sums by model, agent and day come from the overall rollup (a few rows a day);
+    anything by user or task, or of one user, from ``usage_rollup_daily`` through its
+    ``(user_id, day)`` index or its unique key, which starts with ``day``. With ``cost_only``
+    the sums hold the cost alone (in ``UsageSums.cost_pico_usd``; the rest are zero).
+    """
+    per_row = user_id is not None or any(k in ("user", "task") for k in keys)
+    table: Any = (UsageRollupDaily if per_row else UsageRollupDailyOverall).__table__
+    c = table.c
+    dims = [c[_COLUMNS[k]] for k in keys]
+    names = ("cost_pico_usd",) if cost_only else SUM_FIELDS
+    stmt = select(*dims, *(_sum(c[name], name) for name in names)).where(
+        c.day >= since_day, c.day < until_day
+    )
+    if user_id is not None:
+        stmt = stmt.where(c.user_id == user_id)
+    if "task" in keys:
+        stmt = stmt.where(c.task_id != "")
+    stmt = stmt.group_by(*dims)
+    width = len(keys)
+    cost_at = SUM_FIELDS.index("cost_pico_usd")
+    out: list[tuple[tuple[Any, ...], UsageSums]] = []
+    for row in conn.execute(stmt):
+        key = tuple(_day(v) if k == "day" else v for k, v in zip(keys, row[:width], strict=True))
+        if cost_only:
+            values: list[Any] = [0] * len(SUM_FIELDS)
+            values[cost_at] = int(row[width] or 0)
+            out.append((key, UsageSums(values)))
+        else:
+            out.append((key, UsageSums(row[width:])))
+    return out
+
+
+SpendCell = tuple[date, str, str, int, int]
+"""(UTC day, user id, task id, picodollars, calls): what one user's calls for one task cost
+on one day ('' task: calls of no task). Plain tuples: a 30-day overview adds up thousands."""
+
+
+def spend_cells(
+    conn: Connection, since_day: date, until_day: date, *, user_id: str | None = None
+) -> list[SpendCell]:
+    """Cost and calls per (day, user, task) in ``[since_day, until_day)``: one range scan of
+    ``usage_rollup_daily`` that answers the overview's top tasks, top users and spend by user."""
+    r = UsageRollupDaily
+    stmt = (
+        select(
+            r.day,
+            r.user_id,
+            r.task_id,
+            cast(func.sum(r.cost_pico_usd), BigInteger),
+            cast(func.sum(r.requests), BigInteger),
+        )
+        .where(r.day >= since_day, r.day < until_day)
+        .group_by(r.day, r.user_id, r.task_id)
+    )
+    if user_id is not None:
+        stmt = stmt.where(r.user_id == user_id)
+    days: dict[Any, date] = {}
+    cells: list[SpendCell] = []
+    for d, u, t, c, n in conn.execute(stmt):
+        day = days.get(d)
+        if day is None:
+            day = days[d] = _day(d)
+        cells.append((day, u, t, c or 0, n or 0))
+    return cells
+
+
+def _day(value: Any) -> date:
+    return date.fromisoformat(value) if isinstance(value, str) else value  # SQLite: text
