@@ -16,8 +16,10 @@ from app.api.guards import BodySizeLimitMiddleware
 from app.api.v1.admin_keys import router as admin_keys_router
 from app.api.v1.health import router as health_router
 from app.api.v1.limits import router as limits_router
+from app.api.v1.notifications import router as notifications_router
 from app.api.v1.tasks import router as tasks_router
 from app.api.v1.usage import router as usage_router
+from app.api.v1.usage_forecast import router as usage_forecast_router
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.migrations import upgrade_to_head
@@ -26,6 +28,7 @@ from app.core.runtime import Runtime, set_runtime
 from app.observability import setup_telemetry
 from app.schemas.errors import ERROR_RESPONSES
 from app.tasks.examples import materialize_examples
+from app.web.mount import install_console
 
 logger = logging.getLogger("app")
 # Every /api route needs a principal, including routes added later that forget to ask for one.
@@ -82,8 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(limits_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(tasks_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    # Before the usage router: its fixed path must win over any /usage/{...} route added there.
+    app.include_router(usage_forecast_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(usage_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(admin_keys_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    app.include_router(notifications_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    install_console(app)  # the web console at / (app/web), outside the OpenAPI schema
     return app
 
 

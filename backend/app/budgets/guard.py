@@ -78,6 +78,7 @@ from app.core.errors import BudgetExceededError, BudgetUnavailableError
 from app.core.money import pico_to_usd, usd_to_pico
 from app.core.prepared import Tx, write_gate
 from app.models import BudgetScope
+from app.notifications import outbox as notification_outbox  # issue 16: events in the outbox
 from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
 from app.tracking.pricing import PriceBook, TokenUsage
 from app.tracking.record import UsageRecord
@@ -236,10 +237,14 @@ def worst_case_tokens(request: Mapping[str, Any], default_max_output: int) -> To
 
 
 def worst_case(
-    price_book: PriceBook, model: str, request: Mapping[str, Any], default_max_output: int
+    price_book: PriceBook,
+    model: str,
+    request: Mapping[str, Any],
+    default_max_output: int,
+    provider: str | None = None,
 ) -> WorstCase:
     tokens = worst_case_tokens(request, default_max_output)
-    price = price_book.unit_price(model)
+    price = price_book.unit_price(model, provider)
     cost = 0 if price is None else usd_to_pico(price.cost(tokens))
     return WorstCase(tokens.prompt_tokens, tokens.completion_tokens, cost, price is not None)
 
@@ -295,9 +300,15 @@ class DatabaseBudgetGuard:
         self._sweep_lock = threading.Lock()
         self._next_sweep = 0.0
 
-    def worst_case(self, model: str, request: Mapping[str, Any]) -> WorstCase:
+    def worst_case(
+        self, model: str, request: Mapping[str, Any], provider: str | None = None
+    ) -> WorstCase:
         return worst_case(
-            self._price_book, model, request, self._settings.budget_default_max_output_tokens
+            self._price_book,
+            model,
+            request,
+            self._settings.budget_default_max_output_tokens,
+            provider,
         )
 
     def reserve(
@@ -309,7 +320,9 @@ class DatabaseBudgetGuard:
         limit is configured.
         """
         now = self._clock()
-        amount = functools.cache(lambda: self.worst_case(model, request).cost_pico)
+        amount = functools.cache(
+            lambda: self.worst_case(model, request, context.provider).cost_pico
+        )
         try:
             try:
                 return self._reserve(context, amount, now)
@@ -320,6 +333,8 @@ class DatabaseBudgetGuard:
                 return self._reserve(context, amount, now)
         except BudgetExceededError as exc:
             LLM_BUDGET_BLOCKED.labels(exc.scope).inc()
+            # Notifications (issue 16): budget.exhausted, once per window; never raises.
+            notification_outbox.record_budget_blocked(self._engine, exc, context.user_id)
             raise
         except SQLAlchemyError as exc:
             self._unavailable(exc)
@@ -498,6 +513,17 @@ class DatabaseBudgetGuard:
             if self._crossed_soft_limit(reservation.limits.get(key.scope), state)
             and store.mark_soft_warned(tx, key)
         ]
+        for key in warned:  # notifications (issue 16): in the crossing's own transaction
+            notification_outbox.record_soft_threshold(
+                tx,
+                scope=key.scope.value,
+                subject_id=key.subject_id,
+                window_start=key.window_start,
+                limit_pico=reservation.limits[key.scope].limit_pico,
+                spent_pico=after[key].spent_pico,
+                soft_threshold=reservation.limits[key.scope].soft_threshold,
+                user_id=reservation.user_id,
+            )
         return released, after, warned
 
     @staticmethod

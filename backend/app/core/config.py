@@ -6,6 +6,7 @@ field names.
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -94,6 +95,69 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra variable names never passed to test commands."
     )
     run_task_worker: bool = Field(default=True, description="Execute queued tasks in this process.")
+    task_stop_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A graceful stop waits this long for running tasks to requeue themselves "
+        "(their commands are killed at once), then requeues the rest itself.",
+    )
+
+    # The sandbox of repository commands (app/sandbox): bubblewrap, a cgroup per command.
+    sandbox_ro_paths: list[Path] | None = Field(
+        default=None,
+        description="Host paths a repository command sees, read-only (a JSON list); unset: the "
+        "system's directories and the interpreter's installation.",
+    )
+    sandbox_tmp_mb: int = Field(
+        default=256, ge=1, le=65_536, description="Size of a command's private /tmp (and /dev/shm)."
+    )
+    task_disk_mb: int = Field(
+        default=1024,
+        ge=16,
+        le=1_048_576,
+        description="What a test run may hold in its copy of the workspace (in memory, which "
+        "TASK_MEMORY_MB also counts where cgroups work).",
+    )
+    task_max_processes: int = Field(
+        default=512, ge=8, le=1_000_000, description="Processes and threads of a command at once."
+    )
+
+    @model_validator(mode="after")
+    def _sandbox_paths_are_safe(self) -> Settings:
+        """Refuse a read-only path that would show the sandbox the service's code, data or
+        workspaces, host sockets or accounts: one of them, inside one, or an ancestor of one."""
+        if self.sandbox_ro_paths is None:
+            return self
+        inside_refused = [
+            BACKEND_DIR,
+            DEFAULT_DATA_DIR,
+            self.spool_dir,
+            *map(Path, ("/proc", "/sys", "/dev", "/run", "/var/run", "/tmp")),  # noqa: S108
+        ]
+        above_refused = [
+            *inside_refused,
+            *map(Path, ("/root", "/home", "/etc/shadow", "/etc/gshadow")),
+            *([self.workspace_root] if self.workspace_root else []),
+        ]
+        try:
+            database = make_url(self.database_url).database
+        except ArgumentError:
+            database = None
+        if self.database_url.startswith("sqlite") and database:
+            above_refused.append(Path(database))
+        for path in self.sandbox_ro_paths:
+            if not path.is_absolute():
+                raise ValueError(f"SANDBOX_RO_PATHS: {path} is not an absolute path")
+            real = Path(os.path.realpath(path))
+            for target in above_refused:
+                target = Path(os.path.realpath(target))
+                if real == target or real in target.parents:
+                    raise ValueError(f"SANDBOX_RO_PATHS: {path} would show {target} to the sandbox")
+            for target in inside_refused:
+                if Path(os.path.realpath(target)) in real.parents:
+                    raise ValueError(f"SANDBOX_RO_PATHS: {path} is inside {target}")
+        return self
 
     # Budgets, enforced before each LLM call (app/budgets/guard.py). Amounts in USD, exact to
     # the picodollar; unset or empty = unlimited. Windows are UTC calendar days and months; a
@@ -147,6 +211,20 @@ class Settings(BaseSettings):
     otel_service_name: str = "asa-backend"
     otel_instrumentation_genai_capture_message_content: bool = False
 
+    # Providers and GenAI telemetry (app/tracking/providers.py, app/tracking/semconv.py).
+    llm_provider: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The provider serving OPENAI_BASE_URL (gen_ai.provider.name, e.g. "
+        "anthropic, gcp.gemini, mistral_ai, deepseek, openrouter); unset: found from the "
+        "endpoint URL, a provider/model prefix or the model name.",
+    )
+    otel_genai_deprecated_attributes: bool = Field(
+        default=False,
+        description="Also emit span attributes the GenAI conventions deprecated "
+        "(gen_ai.system), for backends that still read them.",
+    )
+
     # Access control (app/api/auth.py, app/api/guards.py). Keys: `asa keys create --user NAME`.
     bind_host: str = Field(
         default="127.0.0.1",
@@ -162,6 +240,29 @@ class Settings(BaseSettings):
         default=None, description="When set, /metrics requires `Authorization: Bearer <token>`."
     )
 
+    # Fair sharing of the task queue (app/tasks/store.py: create_task, claim_next). Per user id,
+    # whatever the role; the queue serves the user with the fewest running tasks first.
+    task_max_running_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Tasks of one user that run at once; unset: half of MAX_CONCURRENT_TASKS "
+        "(at least 1), so one user never holds every worker.",
+    )
+    task_max_queued_per_user: int = Field(
+        default=20,
+        ge=1,
+        le=100_000,
+        description="Tasks one user may have waiting; a submission beyond it answers 429.",
+    )
+
+    @property
+    def max_running_tasks_per_user(self) -> int:
+        """TASK_MAX_RUNNING_PER_USER, or half of the workers (at least one) when unset."""
+        if self.task_max_running_per_user is not None:
+            return self.task_max_running_per_user
+        return max(1, self.max_concurrent_tasks // 2)
+
     @field_validator("metrics_token", mode="before")
     @classmethod
     def _metrics_token_is_strong(cls, value: object) -> object:
@@ -176,7 +277,8 @@ class Settings(BaseSettings):
     @property
     def secret_values(self) -> tuple[str, ...]:
         """Every configured secret, masked wherever text leaves the process."""
-        values = [s.get_secret_value() for s in (self.openai_api_key, self.metrics_token) if s]
+        secrets = (self.openai_api_key, self.metrics_token, self.web_session_secret)
+        values = [s.get_secret_value() for s in secrets if s]
         try:
             password = make_url(self.database_url).password
         except ArgumentError:  # not a URL: the engine will say so
@@ -207,6 +309,75 @@ class Settings(BaseSettings):
     def uses_simulator(self) -> bool:
         """True when no API key is configured: calls go to the built-in simulator."""
         return self.openai_api_key is None or not self.openai_api_key.get_secret_value()
+
+    # The web console (app/web): its sign-in sessions, and links from LLM calls to their traces.
+    web_session_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs console session cookies and CSRF tokens (at least 32 characters); "
+        "unset: a random secret generated once into WEB_SESSION_SECRET_FILE. Processes behind "
+        "one address on different machines need the same value.",
+    )
+    web_session_secret_file: Path = Field(
+        default=DEFAULT_DATA_DIR / "web_session_secret",
+        description="Where the generated console secret is kept (mode 0600).",
+    )
+    web_session_hours: float = Field(
+        default=12.0, gt=0, le=24 * 30, description="A console sign-in lasts this long."
+    )
+    web_cookie_secure: bool | None = Field(
+        default=None,
+        description="Mark console cookies Secure; unset: when the request came over https.",
+    )
+    jaeger_ui_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="Jaeger's UI (e.g. http://localhost:16686): the console links each LLM "
+        "call to its trace.",
+    )
+
+    # -- Notifications (app/notifications; docs/NOTIFICATIONS.md) -----------------------------
+    notifications_dispatcher: bool = Field(
+        default=True,
+        description="Deliver the outbox's notifications from this process (a background thread).",
+    )
+    notification_poll_interval_seconds: float = Field(default=1.0, gt=0, le=300)
+    notification_batch_size: int = Field(default=50, ge=1, le=1000)
+    notification_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Deliveries sent at once by one dispatcher."
+    )
+    notification_max_attempts: int = Field(
+        default=8, ge=1, le=100, description="Tries of a delivery before it is a dead letter."
+    )
+    notification_backoff_base_seconds: float = Field(
+        default=5.0, gt=0, le=3600, description="Wait after the first failure; doubles each try."
+    )
+    notification_backoff_max_seconds: float = Field(default=3600.0, gt=0, le=86_400)
+    notification_send_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="Connect, send and answer of one delivery."
+    )
+    notification_lease_seconds: float = Field(
+        default=120.0,
+        ge=1,
+        le=3600,
+        description="A delivery claimed by a dispatcher that died is sent again after this.",
+    )
+    notification_unpriced_scan_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="How often models without a price are looked for.",
+    )
+
+    @model_validator(mode="after")
+    def _notification_lease_outlives_a_send(self) -> Settings:
+        # SMTP connects, greets, logs in and sends, each bounded by the timeout.
+        if self.notification_lease_seconds < 4 * self.notification_send_timeout_seconds:
+            raise ValueError(
+                "NOTIFICATION_LEASE_SECONDS must be >= 4 x NOTIFICATION_SEND_TIMEOUT_SECONDS"
+            )
+        return self
+
+    # -- end of notifications ---------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)

@@ -30,6 +30,7 @@ from app.tracking.spool import UsageSpool
 from app.tracking.writer import SpoolReplayer, UsageWriter
 
 if TYPE_CHECKING:
+    from app.notifications.dispatcher import NotificationDispatcher
     from app.simulator.server import SimulatorServer
     from app.tasks.worker import TaskWorker
     from app.usage.retention import RetentionScheduler
@@ -72,6 +73,7 @@ class Runtime:
     # The background jobs of a service process (``start_jobs``); None in scripts and tests.
     task_worker: TaskWorker | None = None
     retention: RetentionScheduler | None = None
+    notifications: NotificationDispatcher | None = None  # the outbox's dispatcher (issue 16)
     # The thread that does async callers' tracking SQL (created on first use).
     db_worker: DbWorker = field(init=False)
 
@@ -170,6 +172,11 @@ class Runtime:
                 self.settings.usage_retention_batch_size,
             )
             self.retention.start()
+        if self.settings.notifications_dispatcher and self.notifications is None:
+            from app.notifications.dispatcher import NotificationDispatcher
+
+            self.notifications = NotificationDispatcher(self.engine, self.settings)
+            self.notifications.start()
 
     def stop_jobs(self) -> None:
         """Stop the background jobs (the worker finishes or requeues what it runs)."""
@@ -179,6 +186,9 @@ class Runtime:
         if self.retention is not None:
             self.retention.stop()
             self.retention = None
+        if self.notifications is not None:
+            self.notifications.stop()
+            self.notifications = None
 
     def close(self) -> None:
         """Stop the jobs, replay what is spooled, then release connections and threads."""

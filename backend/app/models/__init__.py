@@ -8,6 +8,13 @@ LLMUsage`` is a seed import path.
 from app.models.api_keys import NAME_MAX_CHARS, USER_ID_PATTERN, ApiKey
 from app.models.base import NAMING_CONVENTION, Base, new_id, utcnow
 from app.models.budgets import BudgetCounter, BudgetLimitOverride, BudgetReservation, BudgetScope
+from app.models.notifications import (
+    CHANNEL_KINDS,
+    NotificationChannel,
+    NotificationDelivery,
+    NotificationEvent,
+    NotificationSubscription,
+)
 from app.models.tasks import (
     DURATION_BUCKETS_SECONDS,
     TASK_METRICS_BY_NAME_TIME,
@@ -27,6 +34,7 @@ from app.models.usage import (
 )
 
 __all__ = [
+    "CHANNEL_KINDS",
     "DURATION_BUCKETS_SECONDS",
     "LATENCY_BUCKETS_MS",
     "NAME_MAX_CHARS",
@@ -42,6 +50,10 @@ __all__ = [
     "BudgetReservation",
     "BudgetScope",
     "LLMUsage",
+    "NotificationChannel",
+    "NotificationDelivery",
+    "NotificationEvent",
+    "NotificationSubscription",
     "RollupSums",
     "Task",
     "TaskEvent",

@@ -5,6 +5,15 @@ again with the failure fed back, up to ``max_attempts`` and within the task's bu
 the test command exiting 0 with no fewer passing tests than before. The diff is kept whatever
 the outcome (the best attempt's when none succeeds). Every LLM call goes through ``LLMClient``
 with the task, the user and the agent; agent spans are children of one ``task`` span.
+
+Repository commands run in the sandbox of :mod:`app.sandbox.runner`: under bubblewrap, or, where
+it is missing, only for the local administrator of open mode (anyone else's task ends in
+``error`` saying what to install). Test runs work on a private copy of the workspace, so the
+diff, taken from the workspace after the agent's edits, is exactly those edits: nothing a test
+run creates or changes is ever part of it. Cancelling (``cancelled``) or stopping (``stop``)
+kills the command running at once; the task then ends, or goes back to the queue, at once.
+With a ``worker_id`` every write is conditional on the task still being this worker's, so a
+task the worker gave up on (requeued at shutdown, recovered elsewhere) is never overwritten.
 """
 
 from __future__ import annotations
@@ -14,12 +23,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import openai
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, CursorResult, Update, update
+from sqlalchemy.orm import Session
 
+from app.access.principal import LOCAL_USER
 from app.agents.code_agent import CodeAgent, existing_tests
 from app.agents.fix_agent import FixAgent, FixRequest
 from app.agents.regression_writer import RegressionTestWriter
@@ -28,9 +40,19 @@ from app.core.errors import AppError
 from app.core.money import pico_to_usd
 from app.core.runtime import Runtime
 from app.models import Task
+from app.notifications.events import task_finished_event  # issue 16
+from app.notifications.outbox import record_event  # issue 16
 from app.observability import TASK_DURATION, TASK_SUCCESS
+from app.sandbox.bwrap import INSTALL_HINT, SandboxPolicy
 from app.sandbox.outcomes import SuiteOutcome, parse_outcome
-from app.sandbox.runner import InvalidTestCommand, parse_test_command, run_sandboxed
+from app.sandbox.runner import (
+    InvalidTestCommand,
+    Isolation,
+    RunResult,
+    detect_isolation,
+    parse_test_command,
+    run_sandboxed,
+)
 from app.sandbox.workspace import (
     CloneError,
     InvalidGitRef,
@@ -62,6 +84,12 @@ class TaskBudgetExhausted(Exception):
     """The task's budget cannot pay for another LLM call."""
 
 
+class TestCommandUnusable(Exception):
+    """The test command cannot be started in the sandbox (its program is not there)."""
+
+    __test__ = False  # not a pytest test class
+
+
 @dataclass
 class Attempt:
     diff: str
@@ -77,8 +105,28 @@ class RunState:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class _AgentArgs(TypedDict):
+    task_id: str
+    user_id: str
+    model: str
+
+
+class _Abort:
+    """Set when the task is cancelled or the worker stops: what a running command polls."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+
 class Orchestrator:
-    """Runs one claimed task to a terminal status. ``stop`` interrupts it between steps."""
+    """Runs one claimed task to a terminal status.
+
+    ``stop`` (the worker is shutting down) and ``cancelled`` (the owner cancelled) kill the
+    command running and end the task at once; between commands they are checked at each step.
+    """
 
     def __init__(
         self,
@@ -87,16 +135,30 @@ class Orchestrator:
         *,
         stop: threading.Event | None = None,
         tracer: Tracer | None = None,
+        worker_id: str | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.task_id = task_id
         self.stop = stop or threading.Event()
         self.cancelled = threading.Event()
+        self.worker_id = worker_id
+        self._abort = _Abort(self.stop, self.cancelled)
+        self._isolation = isolation
         self._tracer = tracer or trace.get_tracer("app.tasks.orchestrator")
+        # The last test run's whole output: FixAgent localizes from every frame, not the tail.
+        self._last_output = ""
+        s = self.settings
+        self._policy = SandboxPolicy(
+            toolchain=tuple(s.sandbox_ro_paths) if s.sandbox_ro_paths is not None else None,
+            tmp_mb=s.sandbox_tmp_mb,
+            disk_mb=s.task_disk_mb,
+            max_processes=s.task_max_processes,
+        )
 
     @staticmethod
-    def _agent_args(task: Task) -> dict[str, str]:
+    def _agent_args(task: Task) -> _AgentArgs:
         return {"task_id": task.id, "user_id": task.user_id, "model": task.model}
 
     # -- state helpers ----------------------------------------------------------------------
@@ -109,11 +171,21 @@ class Orchestrator:
             session.expunge(task)
             return task
 
+    def _owned(self) -> list[ColumnElement[bool]]:
+        """The condition of every write: the task is still this worker's (when it has one)."""
+        if self.worker_id is None:
+            return [Task.id == self.task_id]
+        return [Task.id == self.task_id, Task.worker_id == self.worker_id]
+
     def _step(self, step: str, message: str | None = None, **values: object) -> None:
-        """Record progress; raise if the task was cancelled or the worker is stopping."""
+        """Record progress; raise if the task was cancelled or the worker is stopping (or no
+        longer has the task)."""
         with self.runtime.session_factory() as session, session.begin():
-            session.execute(update(Task).where(Task.id == self.task_id).values(step=step, **values))
-            task_store.add_event(session, self.task_id, "step", message or step)
+            done = _execute(session, update(Task).where(*self._owned()).values(step=step, **values))
+            if done.rowcount == 0:
+                self.stop.set()  # not ours any more: stop quietly
+            else:
+                task_store.add_event(session, self.task_id, "step", message or step)
         self._checkpoint()
 
     def _checkpoint(self) -> None:
@@ -177,6 +249,22 @@ class Orchestrator:
         return status
 
     def _pipeline(self, task: Task, state: RunState) -> tuple[str, str | None]:
+        with self.runtime.session_factory() as session:
+            admin = task_store.submitted_by_admin(session, task)
+        isolation = self._isolation or detect_isolation()
+        if isolation.bwrap is None and not (admin and task.user_id == LOCAL_USER):
+            return "error", (
+                "This server cannot sandbox repository commands: bubblewrap is missing or does "
+                f"not work here ({isolation.bwrap_missing}). Until it is installed "
+                f"(`{INSTALL_HINT}`), only the local administrator of open mode may run tasks."
+            )
+        self._isolation = isolation
+        try:
+            return self._in_workspace(task, state, admin)
+        except TestCommandUnusable as exc:
+            return "failed", str(exc)
+
+    def _in_workspace(self, task: Task, state: RunState, admin: bool) -> tuple[str, str | None]:
         keep = self.settings.keep_workspaces
         with Workspace(self.settings.workspace_root, keep=keep) as ws:
             repo = ws.repo_dir
@@ -189,19 +277,24 @@ class Orchestrator:
                     task.ref,
                     timeout_s=self.settings.task_clone_timeout_seconds,
                     max_size_mb=self.settings.task_max_repo_mb,
+                    allow_private_hosts=admin,
+                    report_git_output=admin,
+                    isolation=self._isolation,
+                    cancel=self._abort,
                 )
             except (InvalidRepoURL, InvalidGitRef, InvalidTestCommand, CloneError) as exc:
+                self._checkpoint()  # a clone killed by a cancel or a stop is not a failure
                 return "failed", f"Could not prepare the repository: {exc}"
             base = cloned.commit
             protected = existing_tests(list_files(repo))
 
             self._step("reproducing", "running the tests to reproduce the failure")
-            before = self._run_tests(argv, repo, ws.home_dir)
+            before = self._run_tests(argv, repo)
             state.before = before
             self._save_outcome(tests_before=before)
             failing = before
             if before.ok:
-                generated = self._generate_test(task, repo, ws.home_dir, argv, before)
+                generated = self._generate_test(task, repo, argv, before)
                 if generated is None:
                     return (
                         "failed",
@@ -215,9 +308,16 @@ class Orchestrator:
             )
             baseline = self._git(repo, ws.home_dir, "rev-parse", "HEAD").strip()
 
-            fixer = FixAgent(self.runtime, tracer=self._tracer, **self._agent_args(task))
+            def fix_step(message: str) -> None:  # each localization/tool/answer step, recorded
+                self._step("fixing", f"attempt {state.attempts}: {message}")
+                self._ensure_budget(task)
+
+            fixer = FixAgent(
+                self.runtime, tracer=self._tracer, on_step=fix_step, **self._agent_args(task)
+            )
             coder = CodeAgent(self.runtime, tracer=self._tracer, **self._agent_args(task))
             feedback: str | None = None
+            previous_diff: str | None = None
             for attempt in range(1, task.max_attempts + 1):
                 state.attempts = attempt
                 self._step(
@@ -227,7 +327,12 @@ class Orchestrator:
                 try:
                     reply = fixer.propose_fix(
                         FixRequest(
-                            repo, task.bug_description, task.test_command, failing.summary, feedback
+                            repo,
+                            task.bug_description,
+                            task.test_command,
+                            self._last_output or failing.summary,  # the `failing` run's output
+                            feedback,
+                            previous_diff,
                         )
                     )
                     self._step("applying", f"attempt {attempt}: CodeAgent applies the edits")
@@ -239,11 +344,13 @@ class Orchestrator:
                     raise
                 if applied.error is not None:
                     feedback = f"Your edits could not be applied:\n{applied.error}"
+                    previous_diff = None
                     self._event("edit_rejected", applied.error)
                     continue
-                self._step("testing", f"attempt {attempt}: running the tests")
-                after = self._run_tests(argv, repo, ws.home_dir)
+                # The agent's edits, taken before the tests run (which only see a copy anyway).
                 diff = self._diff(repo, ws.home_dir, base)
+                self._step("testing", f"attempt {attempt}: running the tests")
+                after = self._run_tests(argv, repo)
                 self._remember(state, Attempt(diff, after))
                 if after.ok and _no_regression(before, after):
                     state.after = after
@@ -256,13 +363,14 @@ class Orchestrator:
                         "do not remove tests."
                     )
                 failing = after
+                previous_diff = diff
                 self._git(repo, ws.home_dir, "reset", "--quiet", "--hard", baseline)
                 self._git(repo, ws.home_dir, "clean", "--quiet", "-fdx")
             state.after = state.best.outcome if state.best else None
             return "failed", f"No fix passed the tests in {task.max_attempts} attempt(s)"
 
     def _generate_test(
-        self, task: Task, repo: Path, home: Path, argv: list[str], before: SuiteOutcome
+        self, task: Task, repo: Path, argv: list[str], before: SuiteOutcome
     ) -> SuiteOutcome | None:
         self._step("generating_test", "the tests pass: TestGenerator writes a regression test")
         self._ensure_budget(task)
@@ -278,7 +386,7 @@ class Orchestrator:
             self._event("edit_rejected", applied.error)
             return None
         self._step("reproducing", "running the tests with the regression test")
-        outcome = self._run_tests(argv, repo, home)
+        outcome = self._run_tests(argv, repo)
         return None if outcome.ok else outcome
 
     def _remember(self, state: RunState, attempt: Attempt) -> None:
@@ -289,20 +397,31 @@ class Orchestrator:
 
     # -- subprocesses -----------------------------------------------------------------------
 
-    def _run_tests(self, argv: list[str], repo: Path, home: Path) -> SuiteOutcome:
+    def _run_tests(self, argv: list[str], repo: Path) -> SuiteOutcome:
+        """Run the test command on a private copy of ``repo``: what it writes is thrown away."""
         s = self.settings
         secrets = ["OPENAI_API_KEY", "DATABASE_URL", *s.secret_env_names]
-        result = run_sandboxed(
-            argv,
-            repo,
-            timeout_s=s.task_test_timeout_seconds,
-            max_output_bytes=s.task_max_output_bytes,
-            secret_names=secrets,
-            home=home,
-            cpu_seconds=s.task_cpu_seconds,
-            memory_mb=s.task_memory_mb,
-            network=s.task_network,
-        )
+        try:
+            result = run_sandboxed(
+                argv,
+                repo,
+                timeout_s=s.task_test_timeout_seconds,
+                max_output_bytes=s.task_max_output_bytes,
+                secret_names=secrets,
+                cpu_seconds=s.task_cpu_seconds,
+                memory_mb=s.task_memory_mb,
+                network=s.task_network,
+                isolation=self._isolation,
+                policy=self._policy,
+                scratch_copy=True,
+                cancel=self._abort,
+            )
+        except OSError as exc:
+            raise TestCommandUnusable(
+                f"The test command could not be started: {argv[0]}: {exc.strerror or exc}"
+            ) from exc
+        self._check_not_aborted(result)
+        self._last_output = result.output
         outcome = parse_outcome(result)
         self._event(
             "tests", f"exit {outcome.exit_code}, passed {outcome.passed}, failed {outcome.failed}"
@@ -317,10 +436,19 @@ class Orchestrator:
             max_output_bytes=8 * 1024 * 1024,
             home=home,
             extra_env={"GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"},
+            isolation=self._isolation,
+            policy=self._policy,
+            cancel=self._abort,
         )
+        self._check_not_aborted(result)
         if result.exit_code != 0 or result.timed_out:
             raise RuntimeError(f"git {args[0]} failed: {result.output[-500:]}")
         return result.output
+
+    def _check_not_aborted(self, result: RunResult) -> None:
+        """A command killed by a cancel or a stop ends the task as such, not as a failure."""
+        if result.cancelled:
+            self._checkpoint()
 
     def _diff(self, repo: Path, home: Path, base: str) -> str:
         self._git(repo, home, "add", "-A")
@@ -338,20 +466,29 @@ class Orchestrator:
             for k, v in values.items()
         }
         with self.runtime.session_factory() as session, session.begin():
-            session.execute(update(Task).where(Task.id == self.task_id).values(**stored))
+            session.execute(update(Task).where(*self._owned()).values(**stored))
 
-    def _requeue(self) -> None:
+    def requeue(self) -> bool:
+        """Put the task back in the queue if it is still this worker's and running: what a
+        stop does (from any thread). False if it was not (any more)."""
         with self.runtime.session_factory() as session, session.begin():
-            session.execute(
+            done = _execute(
+                session,
                 update(Task)
-                .where(Task.id == self.task_id, Task.status == "running")
+                .where(*self._owned(), Task.status == "running")
                 .values(
                     status="queued", step="requeued at shutdown", worker_id=None, runs=Task.runs - 1
-                )
+                ),
             )
+            if done.rowcount == 0:
+                return False
             task_store.add_event(
                 session, self.task_id, "status", "requeued: the worker is shutting down"
             )
+        return True
+
+    def _requeue(self) -> None:
+        self.requeue()
 
     def _finish(
         self, task: Task, state: RunState, status: str, reason: str | None, duration: float
@@ -362,9 +499,10 @@ class Orchestrator:
         best = state.best
         finished_at = task_store.now()
         with self.runtime.session_factory() as session, session.begin():
-            session.execute(
+            done = _execute(
+                session,
                 update(Task)
-                .where(Task.id == task.id)
+                .where(*self._owned())
                 .values(
                     status=status,
                     step=status,
@@ -373,11 +511,25 @@ class Orchestrator:
                     tests_after=task_store.dump_outcome(state.after),
                     failure_reason=reason,
                     finished_at=finished_at,
-                )
+                ),
             )
+            if done.rowcount == 0:
+                return  # given up on by this worker (requeued at shutdown): not ours to finish
             task_store.add_event(
                 session, task.id, "status", status if not reason else f"{status}: {reason}"
             )
+            # Notifications (issue 16): task.succeeded / task.failed, committed with the status.
+            notify = task_finished_event(
+                task_id=task.id,
+                user_id=task.user_id,
+                status=status,
+                reason=reason,
+                repo_url=task.repo_url,
+                attempts=state.attempts,
+                cost_pico=cost_pico,
+            )
+            if notify is not None:
+                record_event(session, notify)
             task_store.write_task_metrics(
                 session,
                 task.id,
@@ -397,6 +549,11 @@ class Orchestrator:
             )
         TASK_DURATION.labels(status).observe(duration)
         TASK_SUCCESS.labels(status).inc()
+
+
+def _execute(session: Session, statement: Update) -> CursorResult[Any]:
+    """Run an UPDATE; its result says how many rows it changed."""
+    return cast("CursorResult[Any]", session.execute(statement))
 
 
 def _failures(outcome: SuiteOutcome | None) -> float:

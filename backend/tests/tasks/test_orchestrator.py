@@ -3,26 +3,33 @@ does not expose the bug."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.access.principal import Principal
+from app.access.principal import LOCAL_USER, Principal
 from app.core.runtime import Runtime
 from app.models import LLMUsage, Task
+from app.sandbox.runner import Isolation, detect_isolation
 from app.schemas.tasks import TaskSubmitRequest
 from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
 from app.tasks import store as task_store
 from app.tasks.orchestrator import Orchestrator
 
-# Plugin autoload would import every installed pytest plugin in each run (seconds each).
-PYTEST = f"env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {sys.executable} -m pytest -q -p no:cacheprovider"
+# The interpreter's own installation (the sandbox never sees the service's virtual environment;
+# pytest is installed there too). Plugin autoload would import every installed pytest plugin in
+# each run (seconds each).
+PYTHON = os.path.realpath(sys.executable)
+PYTEST = f"env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PYTHON} -m pytest -q -p no:cacheprovider"
 CODE = "def clamp(x, lo, hi):\n    return max(lo, min(x, lo))\n"
 FIX = """clamp.py
 <<<<<<< SEARCH
@@ -55,16 +62,24 @@ def make_repo(root: Path, files: dict[str, str]) -> Path:
     return repo
 
 
-def run_task(runtime: Runtime, repo: Path, tracer: Tracer | None = None) -> Task:
+def run_task(
+    runtime: Runtime,
+    repo: Path,
+    tracer: Tracer | None = None,
+    *,
+    isolation: Isolation | None = None,
+    principal: Principal = Principal("bob", "user"),  # noqa: B008 - immutable
+    test_command: str = PYTEST,
+) -> Task:
     request = TaskSubmitRequest(
-        repo_url=str(repo), bug_description="clamp() in clamp.py ignores hi", test_command=PYTEST
+        repo_url=str(repo),
+        bug_description="clamp() in clamp.py ignores hi",
+        test_command=test_command,
     )
     with Session(runtime.engine) as session, session.begin():
-        task_id = task_store.create_task(
-            session, Principal("bob", "user"), request, "gpt-4o-mini"
-        ).id
+        task_id = task_store.create_task(session, principal, request, "gpt-4o-mini").id
     assert task_store.claim_next(runtime.engine, "test") == task_id
-    Orchestrator(runtime, task_id, tracer=tracer).run()
+    Orchestrator(runtime, task_id, tracer=tracer, isolation=isolation, worker_id="test").run()
     with Session(runtime.engine) as session:
         task = session.get(Task, task_id)
         assert task is not None
@@ -156,3 +171,71 @@ def test_an_unreachable_repository_fails_the_task_with_the_reason(
     assert task.status == "failed" and "Could not prepare the repository" in (
         task.failure_reason or ""
     )
+
+
+# A test script (run as `python check.py`: quicker than pytest) that creates a file and
+# changes a tracked one, as a real suite may (a cache, a snapshot, a generated fixture): none
+# of it is the agent's, so none of it is in the diff.
+MESSY_CHECK = """import pathlib
+
+from clamp import clamp
+
+pathlib.Path("artifact.txt").write_text("made by the test run\\n")
+data = pathlib.Path("data.txt")
+data.write_text(data.read_text() + "changed by the test run\\n")
+assert clamp(5, 0, 10) == 5
+"""
+CHECK = "from clamp import clamp\n\nassert clamp(5, 0, 10) == 5\n"
+
+
+@pytest.mark.skipif(
+    detect_isolation().bwrap is None,
+    reason=f"a user's task needs bubblewrap: {detect_isolation().bwrap_missing}",
+)
+def test_the_diff_is_exactly_the_agents_edits_not_what_the_tests_wrote(
+    runtime: Runtime, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path, {"clamp.py": CODE, "check.py": MESSY_CHECK, "data.txt": "old\n"})
+    sim.state.add_scripts(
+        [ScriptRule.model_validate({"match_system": "You are FixAgent", "reply": FIX})]
+    )
+
+    task = run_task(runtime, repo, test_command=f"{PYTHON} check.py")
+
+    assert task.status == "succeeded", task.failure_reason
+    changed = re.findall(r"^diff --git a/(\S+)", task.diff or "", re.MULTILINE)
+    assert changed == ["clamp.py"]
+    assert "+    return max(lo, min(x, hi))" in (task.diff or "")
+
+
+def test_without_bubblewrap_a_users_task_is_refused_saying_what_to_install(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path, {"clamp.py": CODE})
+    legacy = detect_isolation().without_bwrap()
+
+    task = run_task(runtime, repo, isolation=legacy)
+
+    assert task.status == "error"
+    assert "apt-get install bubblewrap" in (task.failure_reason or "")
+    assert task.tests_before is None  # nothing of the repository ran
+
+
+def test_without_bubblewrap_the_local_administrator_of_open_mode_still_runs_tasks(
+    runtime: Runtime, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path, {"clamp.py": CODE, "check.py": CHECK})
+    sim.state.add_scripts(
+        [ScriptRule.model_validate({"match_system": "You are FixAgent", "reply": FIX})]
+    )
+    legacy = detect_isolation().without_bwrap()
+
+    task = run_task(
+        runtime,
+        repo,
+        isolation=legacy,
+        principal=Principal(LOCAL_USER, "admin"),
+        test_command=f"{PYTHON} check.py",
+    )
+
+    assert task.status == "succeeded", task.failure_reason
