@@ -20,6 +20,8 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from sqlalchemy import Engine
@@ -95,18 +97,23 @@ def render_metrics(accept: str | None) -> tuple[bytes, str]:
 
 @dataclass
 class Telemetry:
-    """What ``setup_telemetry`` built; ``shutdown`` flushes spans."""
+    """What ``setup_telemetry`` built; ``shutdown`` flushes spans and metrics."""
 
     tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
 
     def shutdown(self) -> None:
-        if self.tracer_provider is None:
-            return
-        try:
-            self.tracer_provider.force_flush(timeout_millis=5000)
-            self.tracer_provider.shutdown()
-        except Exception:  # a dead collector must not break shutdown
-            logger.warning("Flushing spans at shutdown failed", exc_info=True)
+        if self.tracer_provider is not None:
+            try:
+                self.tracer_provider.force_flush(timeout_millis=5000)
+                self.tracer_provider.shutdown()
+            except Exception:  # a dead collector must not break shutdown
+                logger.warning("Flushing spans at shutdown failed", exc_info=True)
+        if self.meter_provider is not None:
+            try:
+                self.meter_provider.shutdown(timeout_millis=5000)  # exports what is left
+            except Exception:
+                logger.warning("Flushing metrics at shutdown failed", exc_info=True)
 
 
 def setup_telemetry(
@@ -114,12 +121,16 @@ def setup_telemetry(
     app: FastAPI | None = None,
     engine: Engine | None = None,
     span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
 ) -> Telemetry:
     """With ENABLE_OPENTELEMETRY: OTLP export, FastAPI and SQLAlchemy auto-instrumentation.
 
     Export runs in a background batch processor with a bounded queue, so a collector that is
     down only drops spans; it never slows or fails a caller. Spans leave redacted
     (``RedactingSpanExporter``); ``span_exporter`` replaces OTLP (tests pass an in-memory one).
+    The GenAI client metrics (``app.tracking.genai_metrics``) go through a ``MeterProvider``
+    exported over OTLP every ``OTEL_METRIC_EXPORT_INTERVAL`` ms (the SDK's variable; 60 s by
+    default); ``metric_reader`` replaces that reader.
     """
     if not settings.enable_opentelemetry:
         return Telemetry()
@@ -131,15 +142,37 @@ def setup_telemetry(
 
     from app.core.span_redaction import RedactingSpanExporter
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.otel_service_name}))
+    resource = Resource.create({SERVICE_NAME: settings.otel_service_name})
+    provider = TracerProvider(resource=resource)
     if span_exporter is None:
         span_exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, timeout=5)
     exporter = RedactingSpanExporter(span_exporter, settings.secret_values)
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=4096))
     trace.set_tracer_provider(provider)
     _instrument(app, engine, provider)
+    meter_provider = _meter_provider(settings, resource, metric_reader)
     logger.info("OpenTelemetry export to %s", settings.otel_exporter_otlp_endpoint)
-    return Telemetry(tracer_provider=provider)
+    return Telemetry(tracer_provider=provider, meter_provider=meter_provider)
+
+
+def _meter_provider(
+    settings: Settings, resource: Any, reader: MetricReader | None
+) -> MeterProvider | None:
+    from opentelemetry import metrics
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    try:
+        if reader is None:
+            exporter = OTLPMetricExporter(endpoint=settings.otel_exporter_otlp_endpoint, timeout=5)
+            reader = PeriodicExportingMetricReader(exporter)
+        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+        metrics.set_meter_provider(meter_provider)
+    except Exception:  # metrics are an extra: their failure must not take spans down
+        logger.warning("Could not set up OpenTelemetry metrics", exc_info=True)
+        return None
+    return meter_provider
 
 
 def _instrument(app: FastAPI | None, engine: Engine | None, provider: Any) -> None:

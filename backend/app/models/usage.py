@@ -35,7 +35,13 @@ class LLMUsage(Base):
     task_id: Mapped[str | None] = mapped_column(String(64))
     user_id: Mapped[str | None] = mapped_column(String(64))
     agent: Mapped[str | None] = mapped_column(String(64))
-    provider: Mapped[str] = mapped_column(String(64), default="openai")
+    provider: Mapped[str] = mapped_column(String(64), default="openai")  # gen_ai.provider.name
+    operation: Mapped[str] = mapped_column(
+        String(16),
+        default="chat",
+        server_default="chat",
+        comment="The OpenAI API called: chat, responses or embeddings",
+    )
     model: Mapped[str] = mapped_column(String(200))
     response_model: Mapped[str | None] = mapped_column(String(200))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,6 +9,10 @@ Endpoints:
 - ``GET /sim/stats`` (shape in ``app.simulator.state``), ``POST /sim/reset``,
   ``POST /sim/scripts`` (a rule, a list of rules or ``{"scripts": [...]}``, see
   ``app.simulator.config``), ``POST /sim/faults`` (``{"fault": "429", "times": 3}`` or a list).
+  These control endpoints need ``Authorization: Bearer <control token>``: a random token made
+  per app (``app.state.control_token``, ``SimulatorServer.control_token``) unless one is given,
+  so that no other local process can script the replies or read the counters; without it they
+  answer 401.
 
 Per-request headers (all optional):
 
@@ -28,7 +32,9 @@ client hangs up during a delay, or which is still held when the server stops, is
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Request
@@ -67,6 +73,20 @@ def get_state(request: Request) -> SimulatorState:
 StateDep = Annotated[SimulatorState, Depends(get_state)]
 
 
+class ControlTokenMissing(Exception):
+    """A ``/sim/*`` request without the app's control token."""
+
+
+def require_control_token(request: Request) -> None:
+    """The ``/sim/*`` endpoints answer only to ``Authorization: Bearer <control token>``."""
+    expected: str = request.app.state.control_token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise ControlTokenMissing
+
+
 class SimHeaders(BaseModel):
     """The ``x-sim-*`` request headers; validated in the handler so bad ones are counted."""
 
@@ -82,7 +102,7 @@ class SimHeaders(BaseModel):
 
 
 openai_router = APIRouter(prefix="/v1")
-control_router = APIRouter(prefix="/sim")
+control_router = APIRouter(prefix="/sim", dependencies=[Depends(require_control_token)])
 
 
 def _rejection(fault: FaultName, state: SimulatorState) -> JSONResponse:
@@ -255,14 +275,35 @@ def _invalid_request(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, type_="invalid_request_error", code="invalid_request")
 
 
-def create_app(config: SimulatorConfig | None = None) -> FastAPI:
-    """A new simulator app with its own ``SimulatorState`` at ``app.state.simulator``."""
+def _control_token_missing(_: Request, _exc: Exception) -> JSONResponse:
+    return error_response(
+        401,
+        "The /sim control endpoints need Authorization: Bearer <the simulator's control token>.",
+        type_="invalid_request_error",
+        code="invalid_control_token",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def create_app(
+    config: SimulatorConfig | None = None, *, control_token: str | None = None
+) -> FastAPI:
+    """A new simulator app with its own ``SimulatorState`` at ``app.state.simulator`` and the
+    token its ``/sim/*`` endpoints require at ``app.state.control_token`` (random unless
+    ``control_token`` is given)."""
+    if control_token is not None and len(control_token) < 16:
+        raise ValueError("a control token must be at least 16 characters")
     app = FastAPI(title="ASA LLM simulator", openapi_url=None)
     app.state.simulator = SimulatorState(config or SimulatorConfig())
+    app.state.control_token = control_token or secrets.token_urlsafe(32)
     app.include_router(openai_router)
     app.include_router(control_router)
+    from app.simulator.routes import router as more_apis  # Responses API, embeddings
+
+    app.include_router(more_apis)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ValidationError, _invalid_request)
+    app.add_exception_handler(ControlTokenMissing, _control_token_missing)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

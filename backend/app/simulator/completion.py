@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.simulator.config import FaultName, ScriptedReply, SimulatorConfig, UsageOverride
 from app.simulator.state import SimulatorState
+from app.simulator.structured import cut_at_stop, fingerprint, instance_of, schema_of
 from app.simulator.tokens import (
     CHARS_PER_TOKEN,
     TokenUsage,
@@ -55,6 +56,8 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
 
     def _texts(self, *roles: str) -> list[str]:
         return [message_text(m) for m in self.messages if m.get("role") in roles]
@@ -95,6 +98,7 @@ class Completion:
     reported_usage: dict[str, Any]
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -103,7 +107,7 @@ class Completion:
             "created": self.created,
             "model": self.model,
             "service_tier": "default",
-            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "system_fingerprint": self.system_fingerprint,
         }
 
     def body(self) -> dict[str, Any]:
@@ -197,7 +201,11 @@ def _scripted_choice(
     if reply is not None and (reply.content is not None or tool_calls):
         content = reply.content
     elif request.wants_json:
-        content = json.dumps({"reply": config.default_reply})
+        schema = schema_of(request.response_format)  # json_schema: an instance of it
+        value = {"reply": config.default_reply} if schema is None else None
+        if schema is not None:
+            value = instance_of(schema, config.default_reply)
+        content = json.dumps(value)
     else:
         content = config.default_reply
     finish = (reply.finish_reason if reply else None) or ("tool_calls" if tool_calls else "stop")
@@ -213,6 +221,9 @@ def plan_completion(
     """The answer to ``request``: reply, finish reasons, billed and reported usage."""
     config = state.config
     template = _scripted_choice(reply, request, config)
+    content, stopped = cut_at_stop(template.content or "", request.stop)
+    if stopped:
+        template = Choice(content=content, tool_calls=template.tool_calls, finish_reason="stop")
     calls = [(c["function"]["name"], c["function"]["arguments"]) for c in template.tool_calls]
     visible = reply_tokens(template.content, calls)
     reasoning = 0
@@ -244,6 +255,7 @@ def plan_completion(
         choices=choices,
         usage=usage,
         reported_usage=_reported_usage(usage, fault),
+        system_fingerprint=fingerprint(request.seed),
     )
 
 

@@ -4,6 +4,7 @@
         client = openai.OpenAI(api_key="sim", base_url=sim.base_url)
         ...
         assert sim.state.stats()["requests"] == 1
+        httpx.post(f"{sim.url}/sim/reset", headers=sim.control_headers)  # the token is needed
 
 ``start()`` returns once the server accepts connections; ``stop()`` shuts it down and joins the
 thread. Both are bounded: a server that does not come up or go down in time raises
@@ -38,9 +39,14 @@ class SimulatorServer:
     """The simulator served on ``127.0.0.1:<port>`` from a daemon thread."""
 
     def __init__(
-        self, config: SimulatorConfig | None = None, *, port: int = 0, log_level: str = "warning"
+        self,
+        config: SimulatorConfig | None = None,
+        *,
+        port: int = 0,
+        log_level: str = "warning",
+        control_token: str | None = None,
     ) -> None:
-        self.app: FastAPI = create_app(config)
+        self.app: FastAPI = create_app(config, control_token=control_token)
         self._requested_port = port
         self._log_level = log_level
         self._server: uvicorn.Server | None = None
@@ -52,6 +58,17 @@ class SimulatorServer:
         """Counters, scripts and fault schedule, shared with the running server."""
         state: SimulatorState = self.app.state.simulator
         return state
+
+    @property
+    def control_token(self) -> str:
+        """What the ``/sim/*`` control endpoints require as ``Authorization: Bearer``."""
+        token: str = self.app.state.control_token
+        return token
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The header that opens the ``/sim/*`` control endpoints."""
+        return {"Authorization": f"Bearer {self.control_token}"}
 
     @property
     def port(self) -> int:

@@ -1,11 +1,20 @@
 """``LLMClient``: the one door every LLM call goes through.
 
-It wraps the official ``openai`` SDK's chat completions and returns the SDK's own objects and
-raises the SDK's own exceptions. Around each logical call it records exactly one ``llm_usage``
-row (tokens, exact cost, latency, status), one OpenTelemetry CLIENT span named ``chat {model}``
-and the Prometheus metrics. SDK retries stay inside the logical call: the row counts the HTTP
-attempts in ``attempts`` (and ``llm_retries_total``); providers bill only the attempt that
+It wraps the official ``openai`` SDK, returns the SDK's own objects and raises the SDK's own
+exceptions. Tracked: chat completions (``chat_completion``, ``chat.completions.create`` and
+``chat.completions.parse`` with a pydantic ``response_format``), the Responses API
+(``responses.create``, plain and streamed) and embeddings (``embeddings.create``); the
+namespaces mirror the SDK's, so code written for ``openai.OpenAI`` runs on an ``LLMClient``.
+
+Around each logical call it records exactly one ``llm_usage`` row (tokens, exact cost, latency,
+status, provider, operation), one OpenTelemetry CLIENT span and the metrics. The budget is
+reserved before the call is sent. SDK retries stay inside the logical call: the row counts the
+HTTP attempts in ``attempts`` (and ``llm_retries_total``); providers bill only the attempt that
 answered, so the cost is that attempt's usage.
+
+The provider of a call (its ``gen_ai.provider.name`` and its prices) comes from ``provider=`` on
+the call, on the client, or ``LLM_PROVIDER``, else from the endpoint URL, a ``provider/model``
+prefix or the model name (``app.tracking.providers``).
 
 Example (the seed's API)::
 
@@ -17,7 +26,7 @@ Example (the seed's API)::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
@@ -27,14 +36,39 @@ import openai
 from openai import AsyncStream, Stream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
+from opentelemetry.metrics import Meter
 from opentelemetry.trace import Tracer
 
 from app.core.prepared import Tx
 from app.core.runtime import Runtime, current_attempts, get_runtime
 from app.tracking.db_worker import DbWorker
+from app.tracking.genai_metrics import GenAIMetrics, genai_metrics
+from app.tracking.namespaces import (
+    AsyncChat,
+    AsyncEmbeddings,
+    AsyncResponses,
+    Chat,
+    Embeddings,
+    Responses,
+)
+from app.tracking.operations import CHAT, EMBEDDINGS, Operation
 from app.tracking.record import UsageRecord
-from app.tracking.tracker import CallContext, CallTracker, Outcome, default_tracer
+from app.tracking.streams import (
+    AsyncTrackedStream,
+    StreamState,
+    TrackedStream,
+)
+from app.tracking.tracker import CallContext, CallTracker, complete_shielded, default_tracer
 from app.usage import queries as usage_queries
+
+__all__ = [
+    "AsyncLLMClient",
+    "AsyncTrackedStream",
+    "BudgetGuard",
+    "InvalidLLMRequest",
+    "LLMClient",
+    "TrackedStream",
+]
 
 T = TypeVar("T")
 
@@ -54,198 +88,36 @@ class BudgetGuard(Protocol):
         ``tx`` when given (the usage row's transaction), else in a transaction of its own."""
 
 
+def _as_list(value: Any, what: str) -> list[Any]:
+    """Any iterable the SDK accepts, as a list we can read twice (a generator would not be)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise InvalidLLMRequest(f"{what} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
 def _validate_messages(messages: Any) -> list[Any]:
-    if not isinstance(messages, list | tuple):
-        raise InvalidLLMRequest(
-            f"messages must be a list of message objects, got {type(messages).__name__}"
-        )
-    if not messages:
+    checked = _as_list(messages, "messages")
+    if not checked:
         raise InvalidLLMRequest("messages must contain at least one message")
-    for index, message in enumerate(messages):
+    for index, message in enumerate(checked):
         if not isinstance(message, Mapping) and not hasattr(message, "role"):
             raise InvalidLLMRequest(
                 f"messages[{index}] must be an object with a role, got {type(message).__name__}"
             )
-    return list(messages)
+    return checked
 
 
-def _response_fields(response: ChatCompletion) -> dict[str, Any]:
-    reasons = [c.finish_reason for c in response.choices if c.finish_reason]
-    text = "".join(c.message.content or "" for c in response.choices if c.message)
-    return {
-        "usage": response.usage,
-        "response_model": response.model,
-        "response_id": response.id,
-        "finish_reasons": reasons,
-        "output_text": text,
-    }
-
-
-class _StreamState:
-    """What a stream has shown so far: usage, model, finish reasons, text."""
-
-    def __init__(self) -> None:
-        self.usage: Any = None
-        self.model: str | None = None
-        self.response_id: str | None = None
-        self.reasons: dict[int, str] = {}
-        self.text: list[str] = []
-
-    def see(self, chunk: ChatCompletionChunk) -> None:
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-        self.model = chunk.model or self.model
-        self.response_id = chunk.id or self.response_id
-        for choice in chunk.choices:
-            if choice.delta is not None and choice.delta.content:
-                self.text.append(choice.delta.content)
-            if choice.finish_reason:
-                self.reasons[choice.index] = choice.finish_reason
-
-    def outcome(self, tracker: CallTracker, *, partial: bool) -> Outcome | None:
-        return tracker.outcome(
-            tracker.success_outcome,
-            usage=self.usage,
-            response_model=self.model,
-            response_id=self.response_id,
-            finish_reasons=list(self.reasons.values()),
-            output_text="".join(self.text),
-            partial=partial,
-            extra_flags=("stream_closed_early",) if partial else (),
-        )
-
-    def error_outcome(self, tracker: CallTracker, exc: BaseException) -> Outcome | None:
-        return tracker.outcome(
-            tracker.error_outcome, exc, partial_usage=self.usage, output_text="".join(self.text)
-        )
-
-
-class TrackedStream:
-    """The SDK's ``Stream`` with accounting: chunks pass through unchanged.
-
-    Usage is recorded when the stream ends, fails, or is closed early (then flagged partial,
-    with the tokens known so far, estimated when the provider never sent its usage chunk).
-    """
-
-    def __init__(self, stream: Stream[ChatCompletionChunk], tracker: CallTracker) -> None:
-        self._stream = stream
-        self._tracker = tracker
-        self._state = _StreamState()
-        self._done = False
-
-    def __iter__(self) -> Iterator[ChatCompletionChunk]:
-        try:
-            for chunk in self._stream:
-                self._state.see(chunk)
-                yield chunk
-        except GeneratorExit:
-            self._finish(partial=True)
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-        self._finish(partial=False)
-
-    def __next__(self) -> ChatCompletionChunk:
-        if not hasattr(self, "_iterator"):
-            self._iterator = iter(self)
-        return next(self._iterator)
-
-    def __enter__(self) -> TrackedStream:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the HTTP response; an unfinished stream is recorded as partial."""
-        try:
-            self._stream.close()
-        finally:
-            self._finish(partial=True)
-
-    def __del__(self) -> None:
-        if not getattr(self, "_done", True):
-            self._finish(partial=True)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def _finish(self, *, partial: bool) -> None:
-        if not self._done:
-            self._done = True
-            self._tracker.complete(self._state.outcome(self._tracker, partial=partial))
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self._done:
-            self._done = True
-            self._tracker.complete(self._state.error_outcome(self._tracker, exc))
-
-
-class AsyncTrackedStream:
-    """The async twin of ``TrackedStream``."""
-
-    def __init__(
-        self, stream: AsyncStream[ChatCompletionChunk], tracker: CallTracker, worker: DbWorker
-    ) -> None:
-        self._stream = stream
-        self._tracker = tracker
-        self._worker = worker
-        self._state = _StreamState()
-        self._done = False
-
-    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
-        try:
-            async for chunk in self._stream:
-                self._state.see(chunk)
-                yield chunk
-        except (GeneratorExit, anyio.get_cancelled_exc_class()):
-            await self._finish(partial=True)
-            raise
-        except BaseException as exc:
-            await self._fail(exc)
-            raise
-        await self._finish(partial=False)
-
-    async def __aenter__(self) -> AsyncTrackedStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        try:
-            await self._stream.close()
-        finally:
-            await self._finish(partial=True)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    async def _finish(self, *, partial: bool) -> None:
-        if not self._done:
-            self._done = True
-            outcome = self._state.outcome(self._tracker, partial=partial)
-            await _complete(self._tracker, outcome, self._worker)
-
-    async def _fail(self, exc: BaseException) -> None:
-        if not self._done:
-            self._done = True
-            outcome = self._state.error_outcome(self._tracker, exc)
-            await _complete(self._tracker, outcome, self._worker)
-
-
-async def _complete(tracker: CallTracker, outcome: Outcome | None, worker: DbWorker) -> None:
-    """Record the outcome off the event loop, even if the caller is being cancelled."""
-    with anyio.CancelScope(shield=True):
-        await tracker.complete_async(outcome, worker)
-
-
-async def _on_worker(worker: DbWorker, func: Callable[[], T]) -> T:
-    """Run blocking tracking work on the tracking thread, even if the caller is cancelled."""
-    with anyio.CancelScope(shield=True):
-        result = await asyncio.wrap_future(worker.call(func))
-    return result
+def _validate_input(operation: Operation, kwargs: dict[str, Any]) -> None:
+    if operation is CHAT:
+        kwargs["messages"] = _validate_messages(kwargs.get("messages"))
+    elif operation is EMBEDDINGS:
+        value = kwargs.get("input")
+        if not isinstance(value, str):
+            kwargs["input"] = _as_list(value, "input")
+    elif "input" in kwargs and not isinstance(kwargs["input"], str):
+        kwargs["input"] = _as_list(kwargs["input"], "input")
 
 
 @dataclass
@@ -265,14 +137,21 @@ class _BaseLLMClient:
         runtime: Runtime | None = None,
         tracer: Tracer | None = None,
         budget: BudgetGuard | None = None,
+        provider: str | None = None,
+        meter: Meter | None = None,
     ) -> None:
         self.task_id = task_id
         self.user_id = user_id
         self.agent = agent
+        self.provider = provider
         self._runtime = runtime
         self._tracer = tracer
         self._fallback_tracer: Tracer | None = None
         self._budget = budget
+        self._meter = meter
+        self._genai_metrics: GenAIMetrics | None = None
+        self._metrics_resolved = False
+        self._endpoint: tuple[int, str | None] | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -286,41 +165,74 @@ class _BaseLLMClient:
             self._budget = self.runtime.budget_guard
         return self._budget
 
+    @property
+    def client(self) -> Any:
+        raise NotImplementedError
+
     def _default_tracer(self) -> Tracer:
         # Resolved once per client: a tracer obtained before a provider is set delegates to it.
         if self._fallback_tracer is None:
             self._fallback_tracer = default_tracer()
         return self._fallback_tracer
 
-    def _context(self) -> CallContext:
-        rt = self.runtime
-        return CallContext(
-            task_id=self.task_id,
-            user_id=self.user_id,
-            agent=self.agent,
-            capture_content=rt.settings.otel_instrumentation_genai_capture_message_content,
-            secrets=rt.secrets,
-        )
+    def _metrics(self) -> GenAIMetrics | None:
+        # Resolved once per client (clients are made after the service installs its meter
+        # provider); a lookup of the global provider costs ~10 us, too much for every call.
+        if not self._metrics_resolved:
+            self._genai_metrics = genai_metrics(self._meter)
+            self._metrics_resolved = True
+        return self._genai_metrics
 
-    def _prepare(self, messages: Any, model: str | None, kwargs: dict[str, Any]) -> _Prepared:
-        checked = _validate_messages(messages)
+    def _endpoint_url(self) -> str | None:
+        """The SDK client's base URL (read once per SDK client)."""
+        client = self.client
+        if self._endpoint is None or self._endpoint[0] != id(client):
+            base = getattr(client, "base_url", None)
+            self._endpoint = (id(client), str(base) if base is not None else None)
+        return self._endpoint[1]
+
+    def _prepare(self, operation: Operation, kwargs: dict[str, Any]) -> _Prepared:
         rt = self.runtime
-        model = model or rt.settings.default_model
+        settings = rt.settings
+        provider = kwargs.pop("provider", None) or self.provider or settings.llm_provider
+        _validate_input(operation, kwargs)
+        model = kwargs.get("model")
+        if model is None and operation is not EMBEDDINGS:
+            model = settings.default_model
         if not isinstance(model, str) or not model.strip():
             raise InvalidLLMRequest("model must be a non-empty string")
-        is_stream = bool(kwargs.get("stream"))
-        if is_stream and "stream_options" not in kwargs:
-            kwargs["stream_options"] = {"include_usage": True}
-        kwargs["messages"] = checked
         kwargs["model"] = model
+        is_stream = bool(kwargs.get("stream"))
+        if is_stream and operation is CHAT:
+            # Usage arrives in a last chunk only when asked for; a caller's explicit
+            # include_usage=False is respected (the row's cost is then estimated).
+            options = kwargs.get("stream_options")
+            if not isinstance(options, Mapping):
+                kwargs["stream_options"] = {"include_usage": True}
+            elif "include_usage" not in options:
+                kwargs["stream_options"] = {**options, "include_usage": True}
+        endpoint = self._endpoint_url()
+        resolved = rt.price_book.resolve(model, provider, endpoint)
         tracker = CallTracker(
             writer=rt.writer,
             price_book=rt.price_book,
             tracer=self._tracer or self._default_tracer(),
-            context=self._context(),
+            context=CallContext(
+                task_id=self.task_id,
+                user_id=self.user_id,
+                agent=self.agent,
+                provider=resolved.provider,
+                capture_content=settings.otel_instrumentation_genai_capture_message_content,
+                secrets=rt.secrets,
+                deprecated_attributes=settings.otel_genai_deprecated_attributes,
+            ),
             model=model,
             request=kwargs,
             is_stream=is_stream,
+            operation=operation,
+            provider_setting=provider,
+            endpoint_url=endpoint,
+            metrics=self._metrics(),
         )
         return _Prepared(tracker=tracker, kwargs=kwargs)
 
@@ -329,14 +241,15 @@ class _BaseLLMClient:
         guard = self.budget
         if guard is None:
             return
+        tracker = prepared.tracker
         try:
             prepared.reservation = guard.reserve(
-                context=prepared.tracker.context,
-                model=prepared.tracker.model,
-                request=prepared.kwargs,
+                context=tracker.context,
+                model=tracker.model,
+                request=tracker.operation.budget_request(prepared.kwargs),
             )
         except Exception as exc:
-            prepared.tracker.finish_blocked(exc)
+            tracker.finish_blocked(exc)
             raise
 
     def _reserve_nowait(self, prepared: _Prepared) -> bool:
@@ -409,8 +322,12 @@ def _totals_dict(totals: usage_queries.SpendTotals) -> dict[str, Any]:
     }
 
 
+# -- synchronous ------------------------------------------------------------------------------
+
+
 class LLMClient(_BaseLLMClient):
-    """Tracked synchronous chat completions."""
+    """Tracked synchronous calls: ``chat_completion`` (the seed's), and ``chat.completions``,
+    ``responses`` and ``embeddings`` shaped as the SDK's."""
 
     def __init__(
         self,
@@ -422,20 +339,43 @@ class LLMClient(_BaseLLMClient):
         openai_client: openai.OpenAI | None = None,
         tracer: Tracer | None = None,
         budget: BudgetGuard | None = None,
+        provider: str | None = None,
+        meter: Meter | None = None,
     ) -> None:
-        super().__init__(task_id, user_id, agent, runtime=runtime, tracer=tracer, budget=budget)
+        super().__init__(
+            task_id,
+            user_id,
+            agent,
+            runtime=runtime,
+            tracer=tracer,
+            budget=budget,
+            provider=provider,
+            meter=meter,
+        )
         self._client = openai_client
+        self.chat = Chat(self)
+        self.responses = Responses(self)
+        self.embeddings = Embeddings(self)
 
     @property
     def client(self) -> openai.OpenAI:
         return self._client or self.runtime.openai_client
 
     def chat_completion(
-        self, messages: Sequence[Any], model: str | None = None, **kwargs: Any
-    ) -> ChatCompletion | TrackedStream:
+        self, messages: Iterable[Any], model: str | None = None, **kwargs: Any
+    ) -> ChatCompletion | TrackedStream[ChatCompletionChunk]:
         """``client.chat.completions.create(...)``, tracked. Returns the SDK's object (a
         ``TrackedStream`` yielding the SDK's chunks when ``stream=True``)."""
-        prepared = self._prepare(messages, model, kwargs)
+        return self.chat.completions.create(messages=messages, model=model, **kwargs)
+
+    def _call(
+        self,
+        operation: Operation,
+        kwargs: dict[str, Any],
+        invoke: Callable[..., Any],
+        new_state: Callable[[], StreamState] | None = None,
+    ) -> Any:
+        prepared = self._prepare(operation, kwargs)
         tracker = prepared.tracker
         tracker.start()
         self._reserve(prepared)
@@ -443,21 +383,23 @@ class LLMClient(_BaseLLMClient):
         token = current_attempts.set(tracker.attempts)
         try:
             with _as_current(tracker):
-                result: ChatCompletion | Stream[ChatCompletionChunk]
-                result = self.client.chat.completions.create(**prepared.kwargs)
+                result = invoke(**prepared.kwargs)
         except BaseException as exc:
             tracker.finish_error(exc)
             raise
         finally:
             current_attempts.reset(token)
-        if isinstance(result, Stream):
-            return TrackedStream(result, tracker)
-        tracker.finish_success(**_response_fields(result))
+        if isinstance(result, Stream) and new_state is not None:
+            return TrackedStream(result, tracker, new_state())
+        tracker.finish_success(operation.fields(result))
         return result
 
 
+# -- asynchronous -----------------------------------------------------------------------------
+
+
 class AsyncLLMClient(_BaseLLMClient):
-    """Tracked asynchronous chat completions; the same accounting as ``LLMClient``."""
+    """Tracked asynchronous calls; the same accounting and namespaces as ``LLMClient``."""
 
     def __init__(
         self,
@@ -469,18 +411,41 @@ class AsyncLLMClient(_BaseLLMClient):
         openai_client: openai.AsyncOpenAI | None = None,
         tracer: Tracer | None = None,
         budget: BudgetGuard | None = None,
+        provider: str | None = None,
+        meter: Meter | None = None,
     ) -> None:
-        super().__init__(task_id, user_id, agent, runtime=runtime, tracer=tracer, budget=budget)
+        super().__init__(
+            task_id,
+            user_id,
+            agent,
+            runtime=runtime,
+            tracer=tracer,
+            budget=budget,
+            provider=provider,
+            meter=meter,
+        )
         self._client = openai_client
+        self.chat = AsyncChat(self)
+        self.responses = AsyncResponses(self)
+        self.embeddings = AsyncEmbeddings(self)
 
     @property
     def client(self) -> openai.AsyncOpenAI:
         return self._client or self.runtime.async_openai_client
 
     async def chat_completion(
-        self, messages: Sequence[Any], model: str | None = None, **kwargs: Any
-    ) -> ChatCompletion | AsyncTrackedStream:
-        prepared = self._prepare(messages, model, kwargs)
+        self, messages: Iterable[Any], model: str | None = None, **kwargs: Any
+    ) -> ChatCompletion | AsyncTrackedStream[ChatCompletionChunk]:
+        return await self.chat.completions.create(messages=messages, model=model, **kwargs)
+
+    async def _call(
+        self,
+        operation: Operation,
+        kwargs: dict[str, Any],
+        invoke: Callable[..., Awaitable[Any]],
+        new_state: Callable[[], StreamState] | None = None,
+    ) -> Any:
+        prepared = self._prepare(operation, kwargs)
         tracker = prepared.tracker
         worker = self.runtime.db_worker
         tracker.start()
@@ -490,18 +455,24 @@ class AsyncLLMClient(_BaseLLMClient):
         token = current_attempts.set(tracker.attempts)
         try:
             with _as_current(tracker):
-                result: ChatCompletion | AsyncStream[ChatCompletionChunk]
-                result = await self.client.chat.completions.create(**prepared.kwargs)
+                result = await invoke(**prepared.kwargs)
         except BaseException as exc:
-            await _complete(tracker, tracker.outcome(tracker.error_outcome, exc), worker)
+            await complete_shielded(tracker, tracker.outcome(tracker.error_outcome, exc), worker)
             raise
         finally:
             current_attempts.reset(token)
-        if isinstance(result, AsyncStream):
-            return AsyncTrackedStream(result, tracker, worker)
-        outcome = tracker.outcome(tracker.success_outcome, **_response_fields(result))
-        await _complete(tracker, outcome, worker)
+        if isinstance(result, AsyncStream) and new_state is not None:
+            return AsyncTrackedStream(result, tracker, worker, new_state())
+        outcome = tracker.outcome(tracker.success_outcome, operation.fields(result))
+        await complete_shielded(tracker, outcome, worker)
         return result
+
+
+async def _on_worker(worker: DbWorker, func: Callable[[], T]) -> T:
+    """Run blocking tracking work on the tracking thread, even if the caller is cancelled."""
+    with anyio.CancelScope(shield=True):
+        result = await asyncio.wrap_future(worker.call(func))
+    return result
 
 
 def _as_current(tracker: CallTracker) -> Any:

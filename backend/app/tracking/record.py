@@ -21,6 +21,7 @@ class UsageRecord:
     user_id: str | None = None
     agent: str | None = None
     provider: str = "openai"
+    operation: str = "chat"  # chat | responses | embeddings
     response_model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -1,9 +1,15 @@
 """What happens around one LLM call: usage extraction, pricing, the row, the span, the metrics.
 
-``CallTracker`` is shared by the sync and async clients. Its ``finish_*`` methods run once per
-logical call, whatever the outcome, and never raise: a failure inside tracking is logged,
-counted in ``llm_tracking_errors_total`` and swallowed, so instrumentation never changes what
-the caller sees.
+``CallTracker`` is shared by the sync and async clients and by the three APIs (the
+``Operation`` says how to read each one). Its ``finish_*`` methods run once per logical call,
+whatever the outcome, and never raise: a failure inside tracking is logged, counted in
+``llm_tracking_errors_total`` and swallowed, so instrumentation never changes what the caller
+sees.
+
+Spans follow the OpenTelemetry GenAI conventions v1.41.1 (``app.tracking.semconv``): name
+``{gen_ai.operation.name} {gen_ai.request.model}``, kind CLIENT, the sampling-relevant
+attributes at creation, usage attributes only for counts the provider reported, and the seed's
+``llm.*`` attributes beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -34,18 +41,39 @@ from app.observability import (
     agent_label,
     model_label,
 )
+from app.tracking import semconv as sc
+from app.tracking.content import content_attributes, output_attributes
+from app.tracking.genai_metrics import GenAIMetrics
+from app.tracking.operations import (
+    ABSURD_TOKEN_COUNT,
+    CHAT,
+    Operation,
+    ResponseFields,
+    UsageReading,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    read_usage,
+)
 from app.tracking.pricing import PriceBook, TokenUsage
+from app.tracking.providers import DEFAULT_PROVIDER, Endpoint
 from app.tracking.record import UsageRecord
 from app.tracking.writer import UsageWriter
 
 if TYPE_CHECKING:
     from app.tracking.db_worker import DbWorker
 
+__all__ = [
+    "ABSURD_TOKEN_COUNT",
+    "CallContext",
+    "CallTracker",
+    "Outcome",
+    "estimate_prompt_tokens",
+    "estimate_tokens",
+    "prompt_fragments",
+]
+
 logger = logging.getLogger(__name__)
 
-# A single call reporting more than this many tokens is treated as a provider bug, not billed.
-ABSURD_TOKEN_COUNT = 50_000_000
-_CHARS_PER_TOKEN = 4
 MIN_FRAGMENT_CHARS = 12  # shorter prompt lines are not masked on their own in error messages
 
 
@@ -56,64 +84,10 @@ class CallContext:
     task_id: str | None = None
     user_id: str | None = None
     agent: str | None = None
-    provider: str = "openai"
+    provider: str = DEFAULT_PROVIDER  # the resolved gen_ai.provider.name of the call
     capture_content: bool = False
     secrets: tuple[str, ...] = ()
-
-
-def estimate_tokens(text: str) -> int:
-    """A rough token count (4 characters a token), used only when the provider sent none."""
-    return (len(text) + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
-
-
-def estimate_prompt_tokens(messages: Sequence[Any]) -> int:
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, Mapping) else None
-        total += 4 + estimate_tokens(
-            content if isinstance(content, str) else json.dumps(content, default=str)
-        )
-    return total
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    return None
-
-
-def sanitize_usage(raw: Any) -> tuple[TokenUsage, list[str]]:
-    """Token counts from an SDK ``CompletionUsage`` (or None), with flags for what was wrong.
-
-    Negative counts become 0 (flag ``negative_tokens``); counts above ABSURD_TOKEN_COUNT are
-    discarded (flag ``absurd_tokens``); cached above prompt or reasoning above completion are
-    capped (flag ``inconsistent_details``). A flagged row is recorded, never dropped.
-    """
-    flags: list[str] = []
-    if raw is None:
-        return TokenUsage(), ["usage_missing"]
-    prompt = _int_or_none(getattr(raw, "prompt_tokens", None))
-    completion = _int_or_none(getattr(raw, "completion_tokens", None))
-    details_in = getattr(raw, "prompt_tokens_details", None)
-    details_out = getattr(raw, "completion_tokens_details", None)
-    cached = _int_or_none(getattr(details_in, "cached_tokens", None)) or 0
-    reasoning = _int_or_none(getattr(details_out, "reasoning_tokens", None)) or 0
-    if prompt is None or completion is None:
-        flags.append("usage_malformed")
-    values = [prompt or 0, completion or 0, cached, reasoning]
-    if any(v < 0 for v in values):
-        flags.append("negative_tokens")
-        values = [max(v, 0) for v in values]
-    if any(v > ABSURD_TOKEN_COUNT for v in values):
-        flags.append("absurd_tokens")
-        values = [0, 0, 0, 0]
-    prompt_n, completion_n, cached_n, reasoning_n = values
-    if cached_n > prompt_n or reasoning_n > completion_n:
-        flags.append("inconsistent_details")
-        cached_n, reasoning_n = min(cached_n, prompt_n), min(reasoning_n, completion_n)
-    return TokenUsage(prompt_n, completion_n, cached_n, reasoning_n), flags
+    deprecated_attributes: bool = False  # also emit gen_ai.system
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +97,8 @@ class Outcome:
     record: UsageRecord
     attrs: dict[str, Any]
     error: BaseException | None
+    error_type: str | None = None  # error.type when it is not the exception's class name
+    usage: UsageReading | None = None  # what the provider reported (None: nothing)
 
 
 @dataclass
@@ -136,11 +112,17 @@ class CallTracker:
     model: str
     request: Mapping[str, Any]
     is_stream: bool = False
+    operation: Operation = CHAT
+    provider_setting: str | None = None  # the explicit provider, if any (else resolved)
+    endpoint_url: str | None = None
+    metrics: GenAIMetrics | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     attempts: list[int] = field(default_factory=lambda: [0])
     span: Span | None = None
     started: float = 0.0
+    first_chunk_at: float | None = None
     finished: bool = False
+    response_model: str | None = None
     # Settles the call's budget reservation with its final record: given the usage write's
     # connection it joins that transaction (one commit for both); given None it runs alone.
     settle: Callable[[Tx | None, UsageRecord], None] | None = None
@@ -151,42 +133,48 @@ class CallTracker:
             return  # tracing is off: no span to build attributes for
         try:
             self.span = self.tracer.start_span(
-                f"chat {self.model}", kind=SpanKind.CLIENT, attributes=self._request_attributes()
+                f"{self.operation.span_operation} {self.model}",
+                kind=SpanKind.CLIENT,
+                attributes=self._request_attributes(),
             )
         except Exception:
             TRACKING_ERRORS.labels("span").inc()
             logger.exception("Could not start the LLM span")
 
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return self.price_book.endpoint(self.endpoint_url)
+
     def _request_attributes(self) -> dict[str, Any]:
+        provider = self.context.provider
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.system": self.context.provider,
-            "gen_ai.provider.name": self.context.provider,
-            "gen_ai.request.model": self.model,
-            "llm.model": self.model,
-            "llm.request_id": self.request_id,
-            "llm.stream": self.is_stream,
+            sc.GEN_AI_OPERATION_NAME: self.operation.span_operation,
+            sc.GEN_AI_PROVIDER_NAME: provider,
+            sc.GEN_AI_REQUEST_MODEL: self.model,
+            sc.LLM_MODEL: self.model,
+            sc.LLM_REQUEST_ID: self.request_id,
+            sc.LLM_STREAM: self.is_stream,
         }
+        if self.context.deprecated_attributes:
+            attrs[sc.GEN_AI_SYSTEM] = provider
+        if self.operation.api_type is not None:
+            attrs[sc.OPENAI_API_TYPE] = self.operation.api_type
+        endpoint = self.endpoint
+        if endpoint is not None and endpoint.address:
+            attrs[sc.SERVER_ADDRESS] = endpoint.address
+            if endpoint.port is not None:
+                attrs[sc.SERVER_PORT] = endpoint.port
         for key, attr in (
-            ("task_id", "llm.task_id"),
-            ("user_id", "llm.user_id"),
-            ("agent", "llm.agent"),
+            ("task_id", sc.LLM_TASK_ID),
+            ("user_id", sc.LLM_USER_ID),
+            ("agent", sc.LLM_AGENT),
         ):
             value = getattr(self.context, key)
             if value:
                 attrs[attr] = value
-        for param, attr in (
-            ("temperature", "gen_ai.request.temperature"),
-            ("top_p", "gen_ai.request.top_p"),
-            ("max_tokens", "gen_ai.request.max_tokens"),
-            ("max_completion_tokens", "gen_ai.request.max_tokens"),
-            ("n", "gen_ai.request.choice.count"),
-        ):
-            value = self.request.get(param)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                attrs[attr] = value
+        attrs.update(self.operation.request_attributes(self.request))
         if self.context.capture_content:
-            attrs["gen_ai.input.messages"] = _json_or_str(self.request.get("messages"))
+            attrs.update(content_attributes(self.operation, self.request))
         return attrs
 
     @property
@@ -200,9 +188,9 @@ class CallTracker:
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def finish_success(self, **fields: Any) -> UsageRecord | None:
-        """Record a call that returned (``success_outcome``'s fields); never raises."""
-        return self.complete(self.outcome(self.success_outcome, **fields))
+    def finish_success(self, fields: ResponseFields) -> UsageRecord | None:
+        """Record a call that returned; never raises."""
+        return self.complete(self.outcome(self.success_outcome, fields))
 
     def finish_error(self, exc: BaseException, **fields: Any) -> UsageRecord | None:
         """Record a call that failed (``error_outcome``'s fields); never raises."""
@@ -221,80 +209,116 @@ class CallTracker:
             logger.exception("Could not build the usage record of %s", self.request_id)
             return None
 
+    def _quote(self, tokens: TokenUsage, *, estimated: bool = False) -> Any:
+        return self.price_book.quote(
+            self.model,
+            tokens,
+            estimated=estimated,
+            provider=self.provider_setting,
+            endpoint=self.endpoint_url,
+        )
+
     def success_outcome(
-        self,
-        *,
-        usage: Any,
-        response_model: str | None,
-        response_id: str | None,
-        finish_reasons: Sequence[str],
-        output_text: str = "",
-        partial: bool = False,
-        extra_flags: Sequence[str] = (),
+        self, fields: ResponseFields, *, partial: bool = False, extra_flags: Sequence[str] = ()
     ) -> Outcome:
-        tokens, flags = sanitize_usage(usage)
+        if fields.failure is not None:
+            # A 200 answer that reports a failure (a Responses API stream's response.failed).
+            return self.error_outcome(
+                None,
+                partial_usage=fields.usage,
+                output_text=fields.text,
+                error_type=fields.failure,
+                response_model=fields.model,
+            )
+        reading = read_usage(fields.usage, reports_output=self.operation.reports_output)
+        tokens, flags = reading.tokens, reading.flags
         estimated = False
         if "usage_missing" in flags:
             # No usage from the provider (stream closed early, or an endpoint that omits it).
             tokens = TokenUsage(
-                prompt_tokens=estimate_prompt_tokens(self.request.get("messages") or []),
-                completion_tokens=estimate_tokens(output_text),
+                prompt_tokens=self.operation.estimate_prompt_tokens(self.request),
+                completion_tokens=(
+                    estimate_tokens(fields.text) if self.operation.reports_output else 0
+                ),
             )
             estimated = True
         flags.extend(extra_flags)
-        quote = self.price_book.quote(self.model, tokens, estimated=estimated)
+        quote = self._quote(tokens, estimated=estimated)
         cost_status = "unpriced" if "absurd_tokens" in flags else quote.status
+        self.response_model = fields.model
         record = self._record(
             status="success",
             tokens=tokens,
             cost_pico=usd_to_pico(quote.cost_usd) if cost_status != "unpriced" else 0,
             cost_status=cost_status,
-            response_model=response_model,
-            finish_reason=",".join(finish_reasons) or None,
+            response_model=fields.model,
+            finish_reason=",".join(fields.finish_reasons) or None,
             partial=partial,
             flags=flags,
         )
-        attrs: dict[str, Any] = {}
         if self.span is None:
-            return Outcome(record, attrs, None)  # no span to describe the response on
-        attrs["gen_ai.response.finish_reasons"] = list(finish_reasons)
-        if response_model:
-            attrs["gen_ai.response.model"] = response_model
-        if response_id:
-            attrs["gen_ai.response.id"] = response_id
-        if self.context.capture_content and output_text:
-            attrs["gen_ai.output.messages"] = output_text
-        return Outcome(record, attrs, None)
+            return Outcome(record, {}, None, usage=reading)  # no span to describe it on
+        attrs: dict[str, Any] = {}
+        if self.operation.span_operation == sc.OPERATION_CHAT:
+            attrs[sc.GEN_AI_RESPONSE_FINISH_REASONS] = list(fields.finish_reasons)
+        if fields.model:
+            attrs[sc.GEN_AI_RESPONSE_MODEL] = fields.model
+        if fields.id:
+            attrs[sc.GEN_AI_RESPONSE_ID] = fields.id
+        if fields.system_fingerprint:
+            attrs[sc.OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = fields.system_fingerprint
+        if fields.service_tier:
+            attrs[sc.OPENAI_RESPONSE_SERVICE_TIER] = fields.service_tier
+        if self.is_stream and self.first_chunk_at is not None:
+            attrs[sc.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = self.first_chunk_at - self.started
+        if self.context.capture_content:
+            attrs.update(output_attributes(self.operation, fields))
+        return Outcome(record, attrs, None, usage=reading)
 
     def error_outcome(
-        self, exc: BaseException, *, partial_usage: Any = None, output_text: str = ""
+        self,
+        exc: BaseException | None,
+        *,
+        partial_usage: Any = None,
+        output_text: str = "",
+        error_type: str | None = None,
+        response_model: str | None = None,
     ) -> Outcome:
-        tokens, flags = sanitize_usage(partial_usage)
+        reading = read_usage(partial_usage, reports_output=self.operation.reports_output)
+        tokens, flags = reading.tokens, reading.flags
         cost_pico, cost_status = 0, "priced"
         if partial_usage is not None:
-            quote = self.price_book.quote(self.model, tokens)
+            quote = self._quote(tokens)
             cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
         elif output_text:
             # A stream that broke after content arrived: the tokens were produced and billed.
             tokens = TokenUsage(
-                prompt_tokens=estimate_prompt_tokens(self.request.get("messages") or []),
+                prompt_tokens=self.operation.estimate_prompt_tokens(self.request),
                 completion_tokens=estimate_tokens(output_text),
             )
-            quote = self.price_book.quote(self.model, tokens, estimated=True)
+            quote = self._quote(tokens, estimated=True)
             cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
         else:
             flags = []
+        kind = error_type or type(exc).__name__
+        message = (
+            safe_error_message(exc, self._error_secrets())
+            if exc is not None
+            else f"The provider reported a failure: {kind}"
+        )
         record = self._record(
             status="error",
             tokens=tokens,
             cost_pico=cost_pico,
             cost_status=cost_status,
+            response_model=response_model,
             partial=bool(output_text) or partial_usage is not None,
             flags=flags,
-            error_type=type(exc).__name__,
-            error_message=safe_error_message(exc, self._error_secrets()),
+            error_type=kind[:100],
+            error_message=message,
         )
-        return Outcome(record, {}, exc)
+        usage = reading if partial_usage is not None else None
+        return Outcome(record, {}, exc, error_type=kind, usage=usage)
 
     def blocked_outcome(self, exc: BaseException) -> Outcome:
         record = self._record(
@@ -373,12 +397,12 @@ class CallTracker:
 
     def _observe_outcome(self, outcome: Outcome) -> None:
         try:
-            self._observe(outcome.record)
+            self._observe(outcome)
         except Exception:
             TRACKING_ERRORS.labels("metrics").inc()
             logger.exception("Could not update LLM metrics")
         try:
-            self._end_span(outcome.record, outcome.attrs, outcome.error)
+            self._end_span(outcome)
         except Exception:
             TRACKING_ERRORS.labels("span").inc()
             logger.exception("Could not end the LLM span")
@@ -393,7 +417,7 @@ class CallTracker:
     # -- internals ------------------------------------------------------------------------
 
     def _error_secrets(self) -> tuple[str, ...]:
-        return (*self.context.secrets, *prompt_fragments(self.request.get("messages")))
+        return (*self.context.secrets, *fragments_of(self.operation.prompt_texts(self.request)))
 
     def _record(
         self,
@@ -418,6 +442,7 @@ class CallTracker:
             user_id=self.context.user_id,
             agent=self.context.agent,
             provider=self.context.provider,
+            operation=self.operation.name,
             response_model=response_model,
             prompt_tokens=tokens.prompt_tokens,
             completion_tokens=tokens.completion_tokens,
@@ -429,7 +454,7 @@ class CallTracker:
             is_stream=self.is_stream,
             is_partial=partial,
             attempts=max(self.attempts[0], 1),
-            finish_reason=finish_reason,
+            finish_reason=finish_reason[:64] if finish_reason else None,
             error_type=error_type,
             error_message=error_message,
             flags=",".join(flags)[:200] or None,
@@ -437,7 +462,8 @@ class CallTracker:
             span_id=span_id,
         )
 
-    def _observe(self, record: UsageRecord) -> None:
+    def _observe(self, outcome: Outcome) -> None:
+        record = outcome.record
         model = model_label(record.model)
         agent = agent_label(record.agent)
         LLM_REQUESTS.labels(model, record.status, agent).inc()
@@ -459,68 +485,107 @@ class CallTracker:
             LLM_UNPRICED.labels(model).inc()
         if record.attempts > 1:
             LLM_RETRIES.labels(model).inc(record.attempts - 1)
+        if self.metrics is not None:
+            endpoint = self.endpoint
+            usage = outcome.usage
+            self.metrics.record(
+                operation=self.operation.span_operation,
+                provider=record.provider,
+                request_model=record.model,
+                response_model=record.response_model,
+                address=endpoint.address if endpoint else None,
+                port=endpoint.port if endpoint else None,
+                duration_s=record.latency_ms / 1000.0,
+                error_type=outcome.error_type
+                or (type(outcome.error).__name__ if outcome.error is not None else None),
+                input_tokens=(
+                    usage.tokens.prompt_tokens if usage is not None and usage.input_known else None
+                ),
+                output_tokens=(
+                    usage.tokens.completion_tokens
+                    if usage is not None and usage.output_known and self.operation.reports_output
+                    else None
+                ),
+            )
 
-    def _end_span(
-        self, record: UsageRecord, attrs: dict[str, Any], error: BaseException | None
-    ) -> None:
+    def _end_span(self, outcome: Outcome) -> None:
         span = self.span
         if span is None:
             return
+        record = outcome.record
         cost = float(record.cost_usd)
+        usage = {} if outcome.usage is None else _usage_attributes(outcome.usage, self.operation)
         span.set_attributes(
             {
-                **attrs,
-                "gen_ai.usage.input_tokens": record.prompt_tokens,
-                "gen_ai.usage.output_tokens": record.completion_tokens,
-                "gen_ai.usage.cost": cost,
-                "llm.prompt_tokens": record.prompt_tokens,
-                "llm.completion_tokens": record.completion_tokens,
-                "llm.total_tokens": record.total_tokens,
-                "llm.cached_tokens": record.cached_tokens,
-                "llm.reasoning_tokens": record.reasoning_tokens,
-                "llm.cost_usd": cost,
-                "llm.cost_status": record.cost_status,
-                "llm.latency_ms": record.latency_ms,
-                "llm.status": record.status,
-                "llm.attempts": record.attempts,
+                **outcome.attrs,
+                **usage,
+                sc.GEN_AI_USAGE_COST: cost,
+                sc.LLM_PROMPT_TOKENS: record.prompt_tokens,
+                sc.LLM_COMPLETION_TOKENS: record.completion_tokens,
+                sc.LLM_TOTAL_TOKENS: record.total_tokens,
+                sc.LLM_CACHED_TOKENS: record.cached_tokens,
+                sc.LLM_REASONING_TOKENS: record.reasoning_tokens,
+                sc.LLM_COST_USD: cost,
+                sc.LLM_COST_STATUS: record.cost_status,
+                sc.LLM_LATENCY_MS: record.latency_ms,
+                sc.LLM_STATUS: record.status,
+                sc.LLM_ATTEMPTS: record.attempts,
             }
         )
         if record.is_partial:
-            span.set_attribute("llm.partial", True)
-        if error is not None:
-            span.set_attribute("error.type", type(error).__name__)
-            span.set_status(Status(StatusCode.ERROR, record.error_message or type(error).__name__))
+            span.set_attribute(sc.LLM_PARTIAL, True)
+        if record.status != "success":
+            kind = outcome.error_type or type(outcome.error).__name__
+            span.set_attribute(sc.ERROR_TYPE, kind)
+            span.set_status(Status(StatusCode.ERROR, record.error_message or kind))
         span.end()
+
+
+def _usage_attributes(reading: UsageReading, operation: Operation) -> dict[str, Any]:
+    """The GenAI usage attributes of the counts the provider reported (absent, not 0, when
+    it reported none)."""
+    tokens = reading.tokens
+    attrs: dict[str, Any] = {}
+    if reading.input_known:
+        attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = tokens.prompt_tokens
+    if not operation.reports_output:
+        return attrs
+    if reading.output_known:
+        attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = tokens.completion_tokens
+    if reading.cached_known:
+        attrs[sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = tokens.cached_tokens
+    if reading.reasoning_known:
+        attrs[sc.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = tokens.reasoning_tokens
+    return attrs
+
+
+async def complete_shielded(
+    tracker: CallTracker, outcome: Outcome | None, worker: DbWorker
+) -> None:
+    """Record the outcome off the event loop, even if the caller is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await tracker.complete_async(outcome, worker)
+
+
+def fragments_of(texts: Sequence[str]) -> tuple[str, ...]:
+    """The texts, their longer lines and their JSON-escaped forms."""
+    fragments: list[str] = []
+    for text in texts:
+        if not text.strip():
+            continue
+        lines = [line.strip() for line in text.splitlines()]
+        for fragment in (text, *(line for line in lines if len(line) >= MIN_FRAGMENT_CHARS)):
+            fragments.extend((fragment, json.dumps(fragment)[1:-1]))
+    return tuple(fragments)
 
 
 def prompt_fragments(messages: Any) -> tuple[str, ...]:
     """The request's message texts, their longer lines and their JSON-escaped forms: what a
     provider may quote back in an error, masked there like a secret (the prompt is the
     caller's; it has no business in an error row, a span status or a log line)."""
-    texts: list[str] = []
-    for message in messages if isinstance(messages, list | tuple) else ():
-        content = (
-            message.get("content")
-            if isinstance(message, Mapping)
-            else getattr(message, "content", None)
-        )
-        parts: list[Any] = [content]
-        if isinstance(content, list):
-            parts = [p.get("text") for p in content if isinstance(p, Mapping)]
-        for text in parts:
-            if not isinstance(text, str) or not text.strip():
-                continue
-            lines = [line.strip() for line in text.splitlines()]
-            for fragment in (text, *(line for line in lines if len(line) >= MIN_FRAGMENT_CHARS)):
-                texts.extend((fragment, json.dumps(fragment)[1:-1]))
-    return tuple(texts)
-
-
-def _json_or_str(value: Any) -> str:
-    try:
-        return json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        return str(value)
+    if not isinstance(messages, list | tuple):
+        return ()
+    return fragments_of(CHAT.prompt_texts({"messages": messages}))
 
 
 def _is_noop(tracer: Tracer) -> bool:

@@ -177,8 +177,13 @@ def test_scripts_load_from_a_json_file(tmp_path: Path) -> None:
 def test_scripts_and_faults_can_be_added_over_http(
     client: openai.OpenAI, sim: SimulatorServer
 ) -> None:
-    added = httpx.post(f"{sim.url}/sim/scripts", json=[{"match_user": "ping", "reply": "pong"}])
-    scheduled = httpx.post(f"{sim.url}/sim/faults", json={"fault": "400", "times": 1})
+    control = sim.control_headers
+    added = httpx.post(
+        f"{sim.url}/sim/scripts", json=[{"match_user": "ping", "reply": "pong"}], headers=control
+    )
+    scheduled = httpx.post(
+        f"{sim.url}/sim/faults", json={"fault": "400", "times": 1}, headers=control
+    )
 
     assert added.json() == {"added": 1}
     assert scheduled.json() == {"scheduled": 1}
@@ -187,8 +192,53 @@ def test_scripts_and_faults_can_be_added_over_http(
     assert _content(_ask(client, "ping")) == "pong"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/sim/scripts", [{"match_user": "ping", "reply": "scripted by a stranger"}]),
+        ("POST", "/sim/faults", {"fault": "500", "times": 5}),
+        ("POST", "/sim/reset", None),
+        ("GET", "/sim/stats", None),
+    ],
+)
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer", "Bearer not-the-token", "Basic c2ltOnNpbQ=="]
+)
+def test_control_endpoints_refuse_a_request_without_the_control_token(
+    client: openai.OpenAI,
+    sim: SimulatorServer,
+    method: str,
+    path: str,
+    body: Any,
+    authorization: str | None,
+) -> None:
+    _ask(client, "counted")
+    headers = {} if authorization is None else {"Authorization": authorization}
+
+    response = httpx.request(method, f"{sim.url}{path}", json=body, headers=headers)
+
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "invalid_control_token"
+    assert sim.control_token not in response.text
+    stats = sim.state.stats()  # nothing changed: no script, no fault, no reset
+    assert stats["requests"] == 1
+    assert _content(_ask(client, "ping")) != "scripted by a stranger"
+
+
+def test_each_simulator_has_its_own_random_control_token(sim: SimulatorServer) -> None:
+    with SimulatorServer() as other:
+        assert len(other.control_token) >= 32
+        assert other.control_token != sim.control_token
+        foreign = httpx.get(f"{other.url}/sim/stats", headers=sim.control_headers)
+        own = httpx.get(f"{other.url}/sim/stats", headers=other.control_headers)
+    assert foreign.status_code == 401
+    assert own.status_code == 200
+
+
 def test_invalid_script_is_rejected_with_an_openai_error(sim: SimulatorServer) -> None:
-    response = httpx.post(f"{sim.url}/sim/scripts", json=[{"match_user": "x"}])
+    response = httpx.post(
+        f"{sim.url}/sim/scripts", json=[{"match_user": "x"}], headers=sim.control_headers
+    )
 
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -202,7 +252,7 @@ def test_stats_count_requests_and_reset_over_http(
     with pytest.raises(openai.RateLimitError):
         _ask(client, "x", extra_headers={"x-sim-fault": "429"})
 
-    stats = httpx.get(f"{sim.url}/sim/stats").json()
+    stats = httpx.get(f"{sim.url}/sim/stats", headers=sim.control_headers).json()
     assert stats["requests"] == 3
     assert stats["streams"] == 1
     assert stats["succeeded"] == 2
@@ -212,7 +262,7 @@ def test_stats_count_requests_and_reset_over_http(
     assert stats["billed_usage"]["prompt_tokens"] == 2 * first.usage.prompt_tokens
     assert stats["billed_usage"]["total_tokens"] == 2 * first.usage.total_tokens
 
-    reset = httpx.post(f"{sim.url}/sim/reset").json()
+    reset = httpx.post(f"{sim.url}/sim/reset", headers=sim.control_headers).json()
     assert reset["requests"] == 0
     assert reset["response_ids"] == []
 

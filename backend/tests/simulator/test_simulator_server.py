@@ -93,10 +93,14 @@ async def test_app_serves_in_process_over_asgi_transport() -> None:
     assert completion.json()["choices"][0]["message"]["content"] == "in process"
 
 
-def test_module_runs_the_simulator_standalone() -> None:
+def test_module_runs_the_simulator_standalone(tmp_path: Path) -> None:
     port = _free_port()
+    token_file = tmp_path / "control-token"
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.simulator", "--port", str(port), "--log-level", "warning"],
+        [
+            *(sys.executable, "-m", "app.simulator", "--port", str(port)),
+            *("--log-level", "warning", "--control-token-file", str(token_file)),
+        ],
         cwd=BACKEND_DIR,
     )
     try:
@@ -113,6 +117,12 @@ def test_module_runs_the_simulator_standalone() -> None:
             completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         assert completion.usage is not None
         assert completion.usage.total_tokens > 0
+        token = token_file.read_text().strip()
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        stats_url = f"http://127.0.0.1:{port}/sim/stats"
+        assert httpx.get(stats_url).status_code == 401
+        authorized = httpx.get(stats_url, headers={"Authorization": f"Bearer {token}"})
+        assert authorized.json()["requests"] == 1
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -71,7 +71,7 @@ SPAN_ATTRIBUTES = (
     "llm.cost_status",
     "llm.request_id",
     "gen_ai.operation.name",
-    "gen_ai.system",
+    "gen_ai.provider.name",  # gen_ai.system is deprecated, emitted only on request
     "gen_ai.request.model",
     "gen_ai.response.model",
     "gen_ai.usage.input_tokens",

@@ -286,7 +286,8 @@ def test_span_carries_seed_and_genai_attributes(
     attrs = dict(span.attributes or {})
     assert span.name == "chat gpt-4o-mini" and span.kind == SpanKind.CLIENT
     assert attrs["gen_ai.operation.name"] == "chat"
-    assert attrs["gen_ai.system"] == "openai"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert "gen_ai.system" not in attrs  # deprecated by the GenAI conventions: off by default
     assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
     assert attrs["gen_ai.response.model"] == "gpt-4o-mini"
     assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (10, 5)
