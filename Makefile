@@ -22,6 +22,7 @@ migrate: $(STAMP)
 	cd backend && .venv/bin/alembic upgrade heads
 
 run: migrate
+	@command -v bwrap >/dev/null 2>&1 || echo "make run: bubblewrap is not installed: repository commands of API-key users are refused until it is (apt-get install bubblewrap)" >&2
 	cd backend && BIND_HOST=$(HOST) exec .venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
 simulator: $(STAMP)
