@@ -136,19 +136,25 @@ class Authenticator:
         self._exposed = exposed
         self._exposed_now: list[str] = []
         self._exposed_checked_at = -math.inf
+        self._checked_while_serving = False
 
-    def exposed_addresses(self) -> list[str]:
+    def exposed_addresses(self, *, serving: bool = True) -> list[str]:
         """Non-loopback addresses the process listens on (re-read at most once per cache time).
 
-        Once one is seen, open mode stays off for the life of the process.
+        Once one is seen, open mode stays off for the life of the process. ``serving=False`` is
+        the start-up check, made before the server binds its own sockets: it never stands in for
+        the first check made while serving, which sees every socket the server listens on.
         """
         if self._exposed_now:
             return self._exposed_now
         now = self._clock()
-        if now - self._exposed_checked_at >= self._cache_seconds:
+        due = now - self._exposed_checked_at >= self._cache_seconds
+        if not serving or not self._checked_while_serving or due:
             exposed = self._exposed()
             with self._lock:
-                self._exposed_checked_at = now
+                if serving:
+                    self._checked_while_serving = True
+                    self._exposed_checked_at = now
                 if exposed and not self._exposed_now:
                     self._exposed_now = exposed
                     logger.error(
@@ -268,7 +274,7 @@ def start_access_control(
     open_allowed = is_loopback(settings.bind_host)
     authenticator = Authenticator(session_factory, open_mode_allowed=open_allowed, exposed=exposed)
     if open_allowed and not authenticator.keys_configured():
-        listening = authenticator.exposed_addresses()
+        listening = authenticator.exposed_addresses(serving=False)
         if listening:
             raise InsecureStartupError(
                 f"Refusing to start: this process listens on {', '.join(listening)}, not only on "
