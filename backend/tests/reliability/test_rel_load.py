@@ -55,7 +55,11 @@ def test_usage_reports_and_submissions_under_load_answer_and_count_every_task(
     figures: dict[str, Any],
 ) -> None:
     load = _load_generator()
-    service = start_service(ledger_url, task_submit_rate_per_minute=0)
+    # The per-key rate limit and the per-user queue cap are off: this scenario measures the
+    # service under load, not its refusals (tests/tasks/test_fair_queue.py has those).
+    service = start_service(
+        ledger_url, task_submit_rate_per_minute=0, task_max_queued_per_user=100_000
+    )
     service.stream("seed", {"sync": 4}, max_calls=SEED_CALLS)
     assert wait_until(lambda: service.returned() >= 4 * SEED_CALLS, timeout=60)
     service.drain()
