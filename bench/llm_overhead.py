@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -77,23 +77,35 @@ def sequential(runtime: Runtime, raw: openai.OpenAI, calls: int) -> dict[str, fl
 async def concurrent(
     runtime: Runtime, raw: openai.AsyncOpenAI, concurrency: int, rounds: int
 ) -> dict[str, float]:
-    """Rounds of ``concurrency`` calls gathered at once, raw and tracked alternately.
+    """Rounds of ``concurrency`` chat completions gathered at once, raw and tracked alternately.
 
     Both are bound by the client's CPU here (100 SDK calls take ~0.3 s of Python on this
     machine), so any CPU tracking adds to a call shows up in every call of the round behind it;
     ``added_per_call_ms`` (the difference of round wall times, over the calls) is the cost.
     """
     client = AsyncLLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
+
+    async def raw_call() -> Any:
+        return await raw.chat.completions.create(messages=MESSAGES, model=MODEL)  # type: ignore[arg-type]
+
+    async def tracked_call() -> Any:
+        return await client.chat_completion(messages=MESSAGES, model=MODEL)
+
+    return await concurrent_rounds((raw_call, tracked_call), concurrency, rounds)
+
+
+async def concurrent_rounds(
+    calls: tuple[Callable[[], Awaitable[Any]], ...], concurrency: int, rounds: int
+) -> dict[str, float]:
+    """``calls`` is (raw, tracked): rounds of ``concurrency`` of each gathered at once, in turn,
+    after one warm-up round of each."""
     raw_ms: list[float] = []
     tracked_ms: list[float] = []
     walls: dict[bool, list[float]] = {False: [], True: []}
 
     async def one(tracked: bool, sink: list[float]) -> None:
         started = time.perf_counter()
-        if tracked:
-            await client.chat_completion(messages=MESSAGES, model=MODEL)
-        else:
-            await raw.chat.completions.create(messages=MESSAGES, model=MODEL)  # type: ignore[arg-type]
+        await calls[tracked]()
         sink.append((time.perf_counter() - started) * 1000)
 
     for r in range(rounds + 1):

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from typing import Any
 
 import httpx2
 import openai
-from llm_overhead import simulator_process, summary
+from llm_overhead import concurrent_rounds, simulator_process, summary
 
 from app.core.config import Settings
 from app.core.migrations import upgrade_to_head
@@ -88,33 +87,6 @@ def sequential(calls: tuple[Callable[[], Any], ...], count: int) -> dict[str, fl
     return summary(raw_ms, tracked_ms)
 
 
-async def concurrent(
-    calls: tuple[Callable[[], Awaitable[Any]], ...], concurrency: int, rounds: int
-) -> dict[str, float]:
-    raw_ms: list[float] = []
-    tracked_ms: list[float] = []
-    walls: dict[bool, list[float]] = {False: [], True: []}
-
-    async def one(tracked: bool, sink: list[float]) -> None:
-        started = time.perf_counter()
-        await calls[tracked]()
-        sink.append((time.perf_counter() - started) * 1000)
-
-    for r in range(rounds + 1):
-        for tracked in (False, True):
-            sink: list[float] = [] if r == 0 else (tracked_ms if tracked else raw_ms)
-            started = time.perf_counter()
-            await asyncio.gather(*(one(tracked, sink) for _ in range(concurrency)))
-            if r > 0:
-                walls[tracked].append((time.perf_counter() - started) * 1000)
-    out = summary(raw_ms, tracked_ms)
-    raw_wall, tracked_wall = statistics.median(walls[False]), statistics.median(walls[True])
-    out["raw_round_ms"] = round(raw_wall, 3)
-    out["tracked_round_ms"] = round(tracked_wall, 3)
-    out["added_per_call_ms"] = round((tracked_wall - raw_wall) / concurrency, 3)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=1000, help="sequential calls of each kind")
@@ -166,7 +138,7 @@ def main() -> None:
         async def all_concurrent() -> None:  # one event loop: the async clients live on it
             for api in apis:
                 calls = async_calls(api, raw_async, tracked_async)
-                results[api][f"concurrent_{args.concurrency}"] = await concurrent(
+                results[api][f"concurrent_{args.concurrency}"] = await concurrent_rounds(
                     calls, args.concurrency, args.rounds
                 )
 
