@@ -1,12 +1,10 @@
-"""The ``asa`` command: manage API keys against the service's database (``DATABASE_URL``).
+"""``asa keys``: issue, list and revoke API keys.
 
     asa keys create --user alice [--admin] [--name "alice's laptop"]   # prints the key once
     asa keys list [--json]
     asa keys revoke KEY_ID
 
-The database is migrated first when ``AUTO_MIGRATE`` is on (the default), so the first key can
-be created before the service has ever started. A running service notices a new key, or a
-revocation, within a second.
+A running service notices a new key, or a revocation, within a second.
 """
 
 from __future__ import annotations
@@ -14,21 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from datetime import datetime
 
 from app.access import api_keys
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.core.db import create_db_engine, create_session_factory, transaction
 from app.core.errors import AppError
-from app.core.migrations import upgrade_to_head
 from app.models import ApiKey
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asa", description="ASA administration.")
-    groups = parser.add_subparsers(dest="group", required=True)
-    keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="command", required=True)
+def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = groups.add_parser("keys", help="API keys")
+    group.set_defaults(handler=run)
+    keys = group.add_subparsers(dest="command", required=True)
 
     create = keys.add_parser("create", help="issue a key and print it (shown this once)")
     create.add_argument("--user", required=True, help="the user the key acts for")
@@ -41,7 +37,6 @@ def _parser() -> argparse.ArgumentParser:
 
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
-    return parser
 
 
 def _row(row: ApiKey) -> dict[str, str | None]:
@@ -78,12 +73,8 @@ def _table(rows: list[ApiKey]) -> list[str]:
     return lines
 
 
-def run(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
-    """Run one command; returns the exit status (output is printed after the commit)."""
-    args = _parser().parse_args(argv)
-    settings = settings or get_settings()
-    if settings.auto_migrate:
-        upgrade_to_head(settings.database_url)
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one ``keys`` command; returns the exit status (output is printed after the commit)."""
     engine = create_db_engine(settings.database_url)
     out: list[str] = []
     note = ""
@@ -120,11 +111,3 @@ def run(argv: Sequence[str] | None = None, settings: Settings | None = None) -> 
     if note:
         print(note, file=sys.stderr)
     return 0
-
-
-def main() -> None:
-    sys.exit(run())
-
-
-if __name__ == "__main__":
-    main()
