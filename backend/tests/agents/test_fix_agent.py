@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from app.core.runtime import Runtime
 from app.models import LLMUsage
 from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
+from tests.support.repos import failing_pytest_output, make_repo
 
 CLAMP = "def clamp(x, lo, hi):\n    return max(lo, min(x, lo))\n"
 FIX = """clamp.py
@@ -38,32 +36,6 @@ def discount(total, coupon):
         return total * 2
     return total
 """
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    for name, text in files.items():
-        (repo / name).write_text(text)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run([*git, *args], cwd=repo, check=True)
-    return repo
-
-
-def failing_output(repo: Path) -> str:
-    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 1, result.stdout
-    return result.stdout
 
 
 def usage_rows(runtime: Runtime, task_id: str) -> list[LLMUsage]:
@@ -129,7 +101,9 @@ def test_tool_rounds_search_then_read_then_answer_each_as_one_tracked_call(
     steps: list[str] = []
     agent = fix_agent(runtime, "t-tools", tracer, on_step=steps.append)
 
-    proposal = agent.propose(FixRequest(repo, "clamp ignores hi", "pytest", failing_output(repo)))
+    proposal = agent.propose(
+        FixRequest(repo, "clamp ignores hi", "pytest", failing_pytest_output(repo))
+    )
 
     assert proposal.path == "tools"
     assert proposal.reply == FIX

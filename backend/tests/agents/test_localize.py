@@ -3,10 +3,7 @@ shows, within its budget, and what a retry shows first."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from app.agents.fix_agent import FixRequest, compose_prompt
 from app.agents.localize import localize, search_definitions
 from app.agents.symbols import ModuleCache, build_index
 from app.agents.tokens import estimate_tokens
+from tests.support.repos import failing_pytest_output, make_repo
 
 SHOP = {
     "shop/__init__.py": "",
@@ -55,37 +53,10 @@ SHOP = {
 }
 
 
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    repo = root / "repo"
-    for name, text in files.items():
-        path = repo / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run([*git, *args], cwd=repo, check=True)
-    return repo
-
-
-def run_pytest(repo: Path) -> str:
-    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 1, result.stdout
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     repo = make_repo(tmp_path_factory.mktemp("shop"), SHOP)
-    return repo, run_pytest(repo)
+    return repo, failing_pytest_output(repo)
 
 
 def test_an_assertion_failure_shows_the_called_function_whole_with_line_numbers(
@@ -131,7 +102,7 @@ def test_the_prompt_fits_its_budget_and_names_what_was_left_out(tmp_path: Path) 
             f"from shop.cart import total\n\n\ndef report_{n}(items):\n{body}\n    return value_1\n"
         )
     repo = make_repo(tmp_path, files)
-    output = run_pytest(repo)
+    output = failing_pytest_output(repo)
     request = FixRequest(repo, "total() is wrong; see report_3 and report_7", "pytest", output)
     loc = localize(repo, request.bug_description, output)
 

@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from app.main import create_app
 from app.models import LLMUsage, TaskMetrics
 from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
+from tests.support.repos import make_repo
 
 BUGGY = '''\
 def is_even(n):
@@ -86,17 +86,6 @@ def git(repo: Path, *args: str) -> None:
         check=True,
         capture_output=True,
     )
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    repo = root / "buggy-repo"
-    repo.mkdir()
-    for name, text in files.items():
-        (repo / name).write_text(textwrap.dedent(text))
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "init")
-    return repo
 
 
 @pytest.fixture

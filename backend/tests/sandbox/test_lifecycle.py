@@ -34,6 +34,7 @@ from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
 from app.tasks import store as task_store
 from app.tasks.worker import TaskWorker
+from tests.support.repos import make_repo
 
 PY = os.path.realpath(sys.executable)  # the sandbox sees the interpreter, not the venv
 # A user's task runs only under bubblewrap (without it, it is refused: tests/tasks says so).
@@ -75,18 +76,6 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> No
 
 
 SLOW = "import sys, time\ntime.sleep(float(sys.argv[1]))\n"
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    for name, text in files.items():
-        (repo / name).write_text(text)
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True
-        )
-    return repo
 
 
 def submit(runtime: Runtime, repo: Path, test_command: str) -> str:

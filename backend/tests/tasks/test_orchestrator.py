@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
 from app.tasks import store as task_store
 from app.tasks.orchestrator import Orchestrator
+from tests.support.repos import make_repo
 
 # The interpreter's own installation (the sandbox never sees the service's virtual environment;
 # pytest is installed there too). Plugin autoload would import every installed pytest plugin in
@@ -48,18 +48,6 @@ def test_clamp_keeps_values_inside_the_range():
     assert clamp(5, 0, 10) == 5
 >>>>>>> REPLACE
 """
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    for name, text in files.items():
-        (repo / name).write_text(text)
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True
-        )
-    return repo
 
 
 def run_task(

@@ -4,7 +4,6 @@ and the code the failed edit touched, and every FixAgent step is a task event wi
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from app.simulator.config import ScriptRule
 from app.simulator.server import SimulatorServer
 from app.tasks import store as task_store
 from app.tasks.orchestrator import Orchestrator
+from tests.support.repos import make_repo
 
 PYTHON = os.path.realpath(sys.executable)  # the sandbox does not see the virtual environment
 PYTEST = f"env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PYTHON} -m pytest -q -p no:cacheprovider"
@@ -37,15 +37,8 @@ WRONG = """clamp.py
 FIX = WRONG.replace("min(x, lo)) or 0", "min(x, hi))")
 
 
-def make_repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    (repo / "clamp.py").write_text(CODE)
-    (repo / "test_clamp.py").write_text(TEST)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run([*git, *args], cwd=repo, check=True)
-    return repo
+def make_clamp_repo(root: Path) -> Path:
+    return make_repo(root, {"clamp.py": CODE, "test_clamp.py": TEST})
 
 
 def run_task(runtime: Runtime, repo: Path, tracer: Tracer) -> Task:
@@ -75,7 +68,7 @@ def test_a_retry_opens_with_the_new_failure_and_the_code_the_failed_edit_touched
         [ScriptRule.model_validate({"match_system": "You are FixAgent", "replies": [WRONG, FIX]})]
     )
 
-    task = run_task(runtime, make_repo(tmp_path), tracer)
+    task = run_task(runtime, make_clamp_repo(tmp_path), tracer)
 
     assert task.status == "succeeded", task.failure_reason
     assert task.attempts == 2
