@@ -120,6 +120,10 @@ async def concurrent_rounds(
     out["raw_round_ms"] = round(raw_wall, 3)
     out["tracked_round_ms"] = round(tracked_wall, 3)
     out["added_per_call_ms"] = round((tracked_wall - raw_wall) / concurrency, 3)
+    # Throughput: calls completed per second by a round of ``concurrency`` callers.
+    out["raw_calls_per_s"] = round(concurrency / raw_wall * 1000, 1)
+    out["tracked_calls_per_s"] = round(concurrency / tracked_wall * 1000, 1)
+    out["tracked_vs_raw_throughput"] = round(raw_wall / tracked_wall, 3)
     return out
 
 
@@ -152,6 +156,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20, help="concurrent rounds of each kind")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    parser.add_argument("--concurrent-only", action="store_true", help="skip the sequential calls")
     budgets = parser.add_mutually_exclusive_group()
     budgets.add_argument(
         "--no-budgets", action="store_true", help="BUDGET_ENFORCEMENT=false: no reserve/settle"
@@ -204,7 +209,7 @@ def main() -> None:
             },
             "database": url.split("://")[0],
             "budgets": "off" if args.no_budgets else "all scopes limited" if args.limits else "on",
-            "sequential": sequential(runtime, raw, args.calls),
+            "sequential": None if args.concurrent_only else sequential(runtime, raw, args.calls),
             f"concurrent_{args.concurrency}": asyncio.run(
                 concurrent(runtime, raw_async, args.concurrency, args.rounds)
             ),

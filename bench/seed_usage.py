@@ -1,4 +1,6 @@
-"""Bulk-load a synthetic usage ledger for the usage-API benchmark (``bench/usage_endpoints.py``).
+"""Bulk-load a synthetic usage ledger for the usage benchmarks (``bench/usage_endpoints.py``,
+``bench/web_pages.py``), and what those two share: the ``tasks`` rows the console lists, the
+ledger's figures, the benchmark settings and the timing summaries.
 
     cd backend
     .venv/bin/python ../bench/seed_usage.py --db sqlite:///data/bench-usage.db --rows 1000000
@@ -7,24 +9,29 @@
 
 The database is dropped and rebuilt with the real migrations, up to the revision before the
 daily task rollup. Rows are written with COPY on PostgreSQL (the secondary indexes dropped
-before it and rebuilt after) and ``executemany`` on SQLite; then the daily rollup is built from
-them with one ``INSERT ... SELECT ... GROUP BY`` (the same sums the usage writer keeps row by row;
-``usage_endpoints.py`` checks the two agree), the overall rollup from that, and ``task_metrics``
-gets the rows the orchestrator writes for each finished task. Last, ``alembic upgrade head``:
-revision 0004 builds ``task_metrics_daily`` from those rows, as it would on a live database.
+before it and rebuilt after) and ``executemany`` on SQLite, and ``task_metrics`` gets the rows
+the orchestrator writes for each finished task. Then ``alembic upgrade head`` builds every
+rollup from those rows as it would on a live database: revision 0004 ``task_metrics_daily``,
+revision 0008 the three usage rollups (per task, per user, overall) with the sums the usage
+writer keeps row by row (``tests/usage/test_migration_0008_rollups.py`` checks the two agree;
+``usage_endpoints.py`` checks every report against the raw rows). On PostgreSQL the upgrade
+runs with ``work_mem`` 1 GB (``PGOPTIONS``), so its ``GROUP BY``s stay in memory.
 
 The shape (deterministic for a given ``--seed``): calls spread over the last ``--days`` UTC days
 ending today; ``--users`` users; tasks of 10-70 calls (40 on average) made on one day by one
 user, each with one or two of five models; three agents (2% of calls have none); 94% success,
-4% error, 2% blocked; 1% on an unpriced model; log-normal latency around 1.2 s.
+4% error, 2% blocked; 1% on an unpriced model; log-normal latency around 1.2 s; every call a
+chat completion of provider openai (the shape of the earlier runs, so figures compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,15 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from alembic import command
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 BACKEND = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND))
 
+from app.core.config import Settings  # noqa: E402
 from app.core.db import create_db_engine  # noqa: E402
 from app.core.migrations import alembic_config, upgrade_to_head  # noqa: E402
-from app.models import LATENCY_BUCKETS_MS, LLMUsage  # noqa: E402
+from app.models import LLMUsage, Task, UsageRollupDaily, UsageRollupUserDaily  # noqa: E402
 
 # (model, input pico-USD per token, output pico-USD per token); the last one has no price.
 MODELS = [
@@ -52,9 +60,10 @@ MODELS = [
     ("local-llama", 0, 0),
 ]
 AGENTS = ["fix_agent", "code_agent", "test_generator"]
-# task_metrics_daily is filled by its own revision (0004) from the task_metrics rows: the loader
-# migrates to the revision before it, loads, then migrates to head.
-BEFORE_TASK_ROLLUP = "0003"
+# task_metrics_daily (revision 0004) and the usage rollups (revision 0008) are filled by their
+# revisions from the rows: the loader migrates to the revision before the first, loads, then
+# migrates to head.
+BEFORE_ROLLUPS = "0003"
 COLUMNS = (
     "id", "request_id", "task_id", "user_id", "agent", "provider", "model", "prompt_tokens",
     "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cost_pico_usd",
@@ -143,59 +152,6 @@ def generate(shape: Shape, *, iso_tz: bool, null: str | None) -> Iterator[tuple[
                 "APIError" if status == "error" else null,
                 stamp,
             )
-
-
-def _rollup_sql(dialect: str) -> str:
-    """``usage_rollup_daily`` from the rows. The latency histogram is taken as cumulative counts
-    (one comparison per bound and row) and differenced per group."""
-    day = "(timezone('UTC', timestamp))::date" if dialect == "postgresql" else "date(timestamp)"
-    bounds = len(LATENCY_BUCKETS_MS)
-    buckets = [f"lat_b{i:02d}" for i in range(bounds + 1)]
-    at_most = ", ".join(
-        f"SUM(CASE WHEN latency_ms <= {b} THEN 1 ELSE 0 END) AS le{i:02d}"
-        for i, b in enumerate(LATENCY_BUCKETS_MS)
-    )
-    counts = ["le00", *(f"le{i:02d} - le{i - 1:02d}" for i in range(1, bounds))]
-    counts.append(f"requests - le{bounds - 1:02d}")
-    sums = (
-        "requests, successes, errors, blocked, unpriced_calls, prompt_tokens, completion_tokens, "
-        "cached_tokens, reasoning_tokens, total_tokens, cost_pico_usd, latency_ms_sum"
-    )
-    return f"""
-        INSERT INTO usage_rollup_daily (
-            day, user_id, task_id, model, agent, {sums}, {", ".join(buckets)})
-        SELECT day, user_id, task_id, model, agent, {sums}, {", ".join(counts)}
-        FROM (
-            SELECT {day} AS day, COALESCE(user_id, '') AS user_id,
-                COALESCE(task_id, '') AS task_id, model, COALESCE(agent, '') AS agent,
-                COUNT(*) AS requests,
-                SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END) AS successes,
-                SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS errors,
-                SUM(CASE WHEN status = 'blocked' THEN 1 ELSE 0 END) AS blocked,
-                SUM(CASE WHEN cost_status = 'unpriced' AND status <> 'blocked' THEN 1 ELSE 0 END)
-                    AS unpriced_calls,
-                SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,
-                SUM(cached_tokens) AS cached_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
-                SUM(total_tokens) AS total_tokens, SUM(cost_pico_usd) AS cost_pico_usd,
-                SUM(latency_ms) AS latency_ms_sum, {at_most}
-            FROM llm_usage
-            GROUP BY 1, 2, 3, 4, 5
-        ) AS grouped
-    """
-
-
-def _overall_sql() -> str:
-    """``usage_rollup_daily_overall`` from the per-task rollup (as migration 0003 fills it)."""
-    sums = [
-        "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
-        "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens",
-        "cost_pico_usd", "latency_ms_sum", *(f"lat_b{i:02d}" for i in range(15)),
-    ]  # fmt: skip
-    return (
-        f"INSERT INTO usage_rollup_daily_overall (day, model, agent, {', '.join(sums)}) "
-        f"SELECT day, model, agent, {', '.join(f'SUM({s})' for s in sums)} "
-        "FROM usage_rollup_daily GROUP BY day, model, agent"
-    )
 
 
 def _task_metrics_sql(dialect: str) -> list[str]:
@@ -309,7 +265,7 @@ def seed(url: str, shape: Shape) -> dict[str, float]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     recreate_database(url)
-    command.upgrade(alembic_config(url), BEFORE_TASK_ROLLUP)
+    command.upgrade(alembic_config(url), BEFORE_ROLLUPS)
     engine = create_db_engine(url)
     dialect = engine.dialect.name
     timings["migrate_s"] = time.perf_counter() - t0
@@ -321,16 +277,22 @@ def seed(url: str, shape: Shape) -> dict[str, float]:
     t0 = time.perf_counter()
     with engine.begin() as conn:
         if dialect == "postgresql":
-            conn.execute(text("SET LOCAL work_mem = '1GB'"))  # the GROUP BYs in memory
-        conn.execute(text(_rollup_sql(dialect)))
-        conn.execute(text(_overall_sql()))
+            conn.execute(text("SET LOCAL work_mem = '1GB'"))  # the GROUP BY in memory
         for statement in _task_metrics_sql(dialect):
             conn.execute(text(statement))
-    timings["build_rollup_and_task_metrics_s"] = time.perf_counter() - t0
+    timings["build_task_metrics_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    upgrade_to_head(url)  # 0004 fills task_metrics_daily
-    timings["migrate_to_head_s"] = time.perf_counter() - t0
+    previous = os.environ.get("PGOPTIONS")
+    os.environ["PGOPTIONS"] = "-c work_mem=1GB"  # libpq: the migration's GROUP BYs in memory
+    try:
+        upgrade_to_head(url)  # 0004 fills task_metrics_daily, 0008 the usage rollups
+    finally:
+        if previous is None:
+            del os.environ["PGOPTIONS"]
+        else:
+            os.environ["PGOPTIONS"] = previous
+    timings["migrate_to_head_and_build_rollups_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if dialect == "postgresql":
@@ -341,18 +303,128 @@ def seed(url: str, shape: Shape) -> dict[str, float]:
             conn.execute(text("ANALYZE"))
     timings["analyze_s"] = time.perf_counter() - t0
     with engine.connect() as conn:
-        for table in (
-            "llm_usage",
-            "usage_rollup_daily",
-            "usage_rollup_daily_overall",
-            "task_metrics",
-            "task_metrics_daily",
-        ):
-            timings[f"{table}_rows"] = conn.execute(
-                text(f"SELECT COUNT(*) FROM {table}")
-            ).scalar_one()
+        timings.update(table_rows(conn))
     engine.dispose()
     return timings
+
+
+# -- what the benchmarks on a seeded ledger share ----------------------------------------------
+
+COUNTED_TABLES = (
+    "llm_usage", "usage_rollup_daily", "usage_rollup_user_daily", "usage_rollup_daily_overall",
+    "task_metrics", "task_metrics_daily",
+)  # fmt: skip
+
+
+def table_rows(conn: Connection) -> dict[str, int]:
+    """Rows of the ledger's tables, as ``<table>_rows``."""
+    return {
+        f"{table}_rows": conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+        for table in COUNTED_TABLES
+    }
+
+
+def ledger_facts(engine: Engine) -> dict[str, Any]:
+    """The seeded ledger's size: rows per table, tasks (numbered 1..tasks) and users."""
+    with engine.connect() as conn:
+        facts: dict[str, Any] = table_rows(conn)
+        last_task = conn.execute(
+            select(func.max(UsageRollupDaily.task_id)).where(UsageRollupDaily.task_id != "")
+        ).scalar_one()
+        facts["tasks"] = int(last_task.removeprefix("task-")) if last_task else 0
+        facts["users"] = conn.execute(
+            select(func.count(func.distinct(UsageRollupUserDaily.user_id)))
+        ).scalar_one()
+    return facts
+
+
+def bench_settings(url: str) -> Settings:
+    """The service's settings for a benchmark in process: no LLM is called, no migration run."""
+    return Settings(
+        database_url=url,
+        openai_api_key="sk-bench-not-used",  # type: ignore[arg-type]
+        openai_base_url="http://127.0.0.1:9/v1",
+        spool_dir=Path(tempfile.mkdtemp(prefix="asa-bench-spool-")),
+        auto_migrate=False,
+        web_session_secret="bench-" + "x" * 40,  # type: ignore[arg-type]
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary_ms(seconds: list[float], digits: int = 2) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 0.5), digits),
+        "p95_ms": round(percentile(ms, 0.95), digits),
+        "max_ms": round(max(ms), digits),
+    }
+
+
+TASK_STATUSES = ("succeeded",) * 7 + ("failed", "failed", "budget_exceeded", "cancelled", "error")
+
+
+def seed_tasks(engine: Engine, target: int, seed: int) -> dict[str, float]:
+    """A ``tasks`` row per task of the ledger (as its user, created on its day), then older
+    call-less ones up to ``target``; nothing when the table is already that big."""
+    with engine.connect() as conn:
+        have = conn.execute(select(func.count()).select_from(Task)).scalar_one()
+    if have >= target:
+        return {"tasks_rows": have, "seed_tasks_s": 0.0}
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    with engine.begin() as conn:
+        r = UsageRollupDaily
+        ledger = conn.execute(
+            select(r.task_id, func.max(r.user_id), func.min(r.day))
+            .where(r.task_id != "")
+            .group_by(r.task_id)
+        ).all()
+        rows: list[dict[str, Any]] = []
+        for task_id, user_id, day in ledger:
+            day = datetime.fromisoformat(str(day)).replace(tzinfo=UTC)
+            rows.append(
+                _task(task_id, user_id, day + timedelta(seconds=rng.randrange(70_000)), rng)
+            )
+        oldest = min((r["created_at"] for r in rows), default=datetime.now(UTC))
+        for n in range(max(0, target - len(rows))):
+            created = oldest - timedelta(minutes=n + 1)
+            rows.append(_task(f"old-{n:08d}", f"user-{rng.randrange(1000):05d}", created, rng))
+        for start in range(0, len(rows), 10_000):
+            conn.execute(Task.__table__.insert(), rows[start : start + 10_000])
+        conn.execute(text("ANALYZE"))
+    return {"tasks_rows": len(rows), "seed_tasks_s": round(time.perf_counter() - t0, 1)}
+
+
+def _task(task_id: str, user_id: str, created: datetime, rng: random.Random) -> dict[str, Any]:
+    status = rng.choice(TASK_STATUSES)
+    return {
+        "id": task_id,
+        "user_id": user_id,
+        "repo_url": f"https://git.example.com/{user_id}/project-{rng.randrange(50)}.git",
+        "ref": None,
+        "bug_description": "The parser drops the last line of a file without a newline.",
+        "test_command": "pytest -q",
+        "model": "gpt-4o-mini",
+        "max_cost_pico_usd": None,
+        "max_attempts": 3,
+        "status": status,
+        "step": status,
+        "attempts": 1,
+        "runs": 1,
+        "cancel_requested": False,
+        "diff": "--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-a\n+b\n" if status == "succeeded" else None,
+        "tests_before": None,
+        "tests_after": None,
+        "failure_reason": None,
+        "created_at": created,
+        "started_at": created + timedelta(seconds=2),
+        "finished_at": created + timedelta(seconds=60 + rng.randrange(600)),
+    }
 
 
 def main() -> None:

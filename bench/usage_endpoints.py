@@ -25,7 +25,6 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,17 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 BACKEND = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND))
 
+from seed_usage import bench_settings, ledger_facts, summary_ms  # noqa: E402
+
 from app.api.auth import Principal, current_principal  # noqa: E402
-from app.core.config import Settings  # noqa: E402
 from app.core.runtime import Runtime  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import LLMUsage, UsageRollupDaily  # noqa: E402
 from app.usage.report import (  # noqa: E402
     Source,
     overall_usage,
@@ -55,21 +53,6 @@ from app.usage.task_metrics import task_metrics  # noqa: E402
 
 ADMIN = Principal("bench", "admin")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary_ms(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {
-        "n": len(ms),
-        "p50_ms": round(percentile(ms, 0.5), 2),
-        "p95_ms": round(percentile(ms, 0.95), 2),
-        "max_ms": round(max(ms), 2),
-    }
 
 
 PERCENTILES = ("p50", "p90", "p95", "p99")
@@ -121,26 +104,14 @@ def time_service(
 
 
 async def bench(url: str, requests: int, raw_repeats: int, seed: int) -> dict[str, Any]:
-    settings = Settings(
-        database_url=url,
-        openai_api_key="sk-bench-not-used",
-        openai_base_url="http://127.0.0.1:9/v1",
-        spool_dir=Path(tempfile.mkdtemp(prefix="asa-bench-spool-")),
-        auto_migrate=False,
-    )
+    settings = bench_settings(url)
     runtime = Runtime.build(settings, start_background=False)
     app = create_app(settings)
     app.state.runtime = runtime  # the lifespan's job, minus the worker and telemetry
     app.dependency_overrides[current_principal] = lambda: ADMIN  # authentication not measured
     rng = random.Random(seed)
-    with runtime.engine.connect() as conn:
-        rows = conn.execute(select(func.count()).select_from(LLMUsage)).scalar_one()
-        rollup_rows = conn.execute(select(func.count()).select_from(UsageRollupDaily)).scalar_one()
-        last_task = conn.execute(select(func.max(UsageRollupDaily.task_id))).scalar_one()
-        users = conn.execute(
-            text("SELECT COUNT(DISTINCT user_id) FROM usage_rollup_daily")
-        ).scalar_one()
-    tasks = int(last_task.removeprefix("task-"))
+    facts = ledger_facts(runtime.engine)
+    tasks, users = facts["tasks"], facts["users"]
     task_ids = [f"task-{rng.randint(1, tasks):08d}" for _ in range(requests)]
     user_ids = [f"user-{rng.randrange(users):05d}" for _ in range(requests)]
     endpoints = {
@@ -152,10 +123,7 @@ async def bench(url: str, requests: int, raw_repeats: int, seed: int) -> dict[st
     }
     result: dict[str, Any] = {
         "database": runtime.engine.dialect.name,
-        "llm_usage_rows": rows,
-        "usage_rollup_daily_rows": rollup_rows,
-        "tasks": tasks,
-        "users": users,
+        **facts,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "http": {},
@@ -198,8 +166,10 @@ async def bench(url: str, requests: int, raw_repeats: int, seed: int) -> dict[st
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['database']}: {result['llm_usage_rows']:,} usage rows, "
-        f"{result['usage_rollup_daily_rows']:,} rollup rows, {result['tasks']:,} tasks, "
-        f"{result['users']:,} users",
+        f"{result['usage_rollup_daily_rows']:,} per-task / "
+        f"{result['usage_rollup_user_daily_rows']:,} per-user / "
+        f"{result['usage_rollup_daily_overall_rows']:,} overall rollup rows, "
+        f"{result['tasks']:,} tasks, {result['users']:,} users",
         "",
         "| Endpoint (HTTP, in process) | n | p50 ms | p95 ms | max ms |",
         "|---|---|---|---|---|",

@@ -27,9 +27,7 @@ import asyncio
 import dataclasses
 import json
 import platform
-import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -38,96 +36,21 @@ from typing import Any
 
 import httpx
 from fastapi import Request
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import func, select
 
 BACKEND = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND))
 
+from seed_usage import bench_settings, ledger_facts, seed_tasks, summary_ms  # noqa: E402
+
 from app.access.principal import Principal  # noqa: E402
-from app.core.config import Settings  # noqa: E402
 from app.core.runtime import Runtime  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import LLMUsage, Task, UsageRollupDaily  # noqa: E402
+from app.models import LLMUsage, UsageRollupDaily  # noqa: E402
 from app.web.cache import ClosedDaysCache  # noqa: E402
 from app.web.session import console_principal  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STATUSES = ("succeeded",) * 7 + ("failed", "failed", "budget_exceeded", "cancelled", "error")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary_ms(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {
-        "n": len(ms),
-        "p50_ms": round(percentile(ms, 0.5), 1),
-        "p95_ms": round(percentile(ms, 0.95), 1),
-        "max_ms": round(max(ms), 1),
-    }
-
-
-def seed_tasks(engine: Engine, target: int, seed: int) -> dict[str, float]:
-    """A ``tasks`` row per task of the ledger, then older call-less ones up to ``target``."""
-    with engine.connect() as conn:
-        have = conn.execute(select(func.count()).select_from(Task)).scalar_one()
-    if have >= target:
-        return {"tasks_rows": have, "seed_tasks_s": 0.0}
-    t0 = time.perf_counter()
-    rng = random.Random(seed)
-    with engine.begin() as conn:
-        ledger = conn.execute(
-            select(
-                UsageRollupDaily.task_id, func.max(UsageRollupDaily.user_id),
-                func.min(UsageRollupDaily.day),
-            )
-            .where(UsageRollupDaily.task_id != "")
-            .group_by(UsageRollupDaily.task_id)
-        ).all()  # fmt: skip
-        rows: list[dict[str, Any]] = []
-        for task_id, user_id, day in ledger:
-            day = datetime.fromisoformat(str(day)).replace(tzinfo=UTC)
-            rows.append(
-                _task(task_id, user_id, day + timedelta(seconds=rng.randrange(70_000)), rng)
-            )
-        oldest = min((r["created_at"] for r in rows), default=datetime.now(UTC))
-        for n in range(max(0, target - len(rows))):
-            created = oldest - timedelta(minutes=n + 1)
-            rows.append(_task(f"old-{n:08d}", f"user-{rng.randrange(1000):05d}", created, rng))
-        for start in range(0, len(rows), 10_000):
-            conn.execute(Task.__table__.insert(), rows[start : start + 10_000])
-        conn.execute(text("ANALYZE"))
-    return {"tasks_rows": len(rows), "seed_tasks_s": round(time.perf_counter() - t0, 1)}
-
-
-def _task(task_id: str, user_id: str, created: datetime, rng: random.Random) -> dict[str, Any]:
-    status = rng.choice(STATUSES)
-    return {
-        "id": task_id,
-        "user_id": user_id,
-        "repo_url": f"https://git.example.com/{user_id}/project-{rng.randrange(50)}.git",
-        "ref": None,
-        "bug_description": "The parser drops the last line of a file without a newline.",
-        "test_command": "pytest -q",
-        "model": "gpt-4o-mini",
-        "max_cost_pico_usd": None,
-        "max_attempts": 3,
-        "status": status,
-        "step": status,
-        "attempts": 1,
-        "runs": 1,
-        "cancel_requested": False,
-        "diff": "--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-a\n+b\n" if status == "succeeded" else None,
-        "tests_before": None,
-        "tests_after": None,
-        "failure_reason": None,
-        "created_at": created,
-        "started_at": created + timedelta(seconds=2),
-        "finished_at": created + timedelta(seconds=60 + rng.randrange(600)),
-    }
 
 
 async def time_pages(
@@ -150,19 +73,11 @@ async def time_pages(
 
 
 async def bench(url: str, tasks: int, requests: int, seed: int) -> dict[str, Any]:
-    settings = Settings(
-        database_url=url,
-        openai_api_key="sk-bench-not-used",  # type: ignore[arg-type]
-        openai_base_url="http://127.0.0.1:9/v1",
-        spool_dir=Path(tempfile.mkdtemp(prefix="asa-bench-spool-")),
-        auto_migrate=False,
-        web_session_secret="bench-" + "x" * 40,  # type: ignore[arg-type]
-    )
+    settings = bench_settings(url)
     runtime = Runtime.build(settings, start_background=False)
     seeded = seed_tasks(runtime.engine, tasks, seed)
+    facts = ledger_facts(runtime.engine)
     with runtime.engine.connect() as conn:
-        rows = conn.execute(select(func.count()).select_from(LLMUsage)).scalar_one()
-        rollup_rows = conn.execute(select(func.count()).select_from(UsageRollupDaily)).scalar_one()
         # A task of the last days with calls, and its user (a user with recent spend).
         task_id, user_id = conn.execute(
             select(UsageRollupDaily.task_id, UsageRollupDaily.user_id)
@@ -198,6 +113,8 @@ async def bench(url: str, tasks: int, requests: int, seed: int) -> dict[str, Any
         "usage by day, 30 d": "/usage?group_by=day",
         "usage by model, 30 d": "/usage?group_by=model",
         "usage by agent, 30 d": "/usage?group_by=agent",
+        "usage by provider, 30 d": "/usage?group_by=provider",
+        "usage by operation, 30 d": "/usage?group_by=operation",
         "usage by user, 30 d": "/usage?group_by=user",
         "usage by user, 90 d": f"/usage?group_by=user&since={quarter}",
         "usage table CSV, by user": "/usage/table.csv?group_by=user",
@@ -217,8 +134,7 @@ async def bench(url: str, tasks: int, requests: int, seed: int) -> dict[str, Any
     }
     result: dict[str, Any] = {
         "database": runtime.engine.dialect.name,
-        "llm_usage_rows": rows,
-        "usage_rollup_daily_rows": rollup_rows,
+        **facts,
         **seeded,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -232,17 +148,17 @@ async def bench(url: str, tasks: int, requests: int, seed: int) -> dict[str, Any
 
     async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
         for name, path in admin_pages.items():
-            result["pages"][name] = summary_ms(await time_pages(client, [path] * requests))
+            result["pages"][name] = summary_ms(await time_pages(client, [path] * requests), 1)
             print(f"{name:36} {result['pages'][name]}", flush=True)
         # The everyone-wide pages keep the figures of ended days for a minute (app/web/cache.py):
         # the same pages with nothing kept, as the first view after that minute sees them.
         for name, path in cold_pages.items():
             timings = await time_pages(client, [path] * requests, before_each=forget_ended_days)
-            result["pages"][name] = summary_ms(timings)
+            result["pages"][name] = summary_ms(timings, 1)
             print(f"{name:36} {result['pages'][name]}", flush=True)
         principal = Principal(user_id, "user")
         for name, path in user_pages.items():
-            result["pages"][name] = summary_ms(await time_pages(client, [path] * requests))
+            result["pages"][name] = summary_ms(await time_pages(client, [path] * requests), 1)
             print(f"{name:36} {result['pages'][name]}", flush=True)
     runtime.close()
     return result
@@ -251,7 +167,9 @@ async def bench(url: str, tasks: int, requests: int, seed: int) -> dict[str, Any
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['database']}: {result['llm_usage_rows']:,} usage rows, "
-        f"{result['usage_rollup_daily_rows']:,} rollup rows, {result['tasks_rows']:,} tasks",
+        f"{result['usage_rollup_daily_rows']:,} per-task / "
+        f"{result['usage_rollup_user_daily_rows']:,} per-user rollup rows, "
+        f"{result['tasks_rows']:,} tasks",
         "",
         "| Page (HTTP, in process) | n | p50 ms | p95 ms | max ms |",
         "|---|---|---|---|---|",

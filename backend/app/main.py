@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 from app.api.auth import current_principal, start_access_control
 from app.api.guards import BodySizeLimitMiddleware
 from app.api.v1.admin_keys import router as admin_keys_router
+from app.api.v1.admin_prices import router as admin_prices_router
 from app.api.v1.health import router as health_router
 from app.api.v1.limits import router as limits_router
 from app.api.v1.notifications import router as notifications_router
@@ -25,7 +26,9 @@ from app.core.errors import install_error_handlers
 from app.core.migrations import upgrade_to_head
 from app.core.redaction import install_log_redaction
 from app.core.runtime import Runtime, set_runtime
-from app.observability import setup_telemetry
+from app.gateway.proxy import Gateway
+from app.gateway.routes import router as gateway_router
+from app.observability import check_metrics_mode, setup_telemetry
 from app.schemas.errors import ERROR_RESPONSES
 from app.tasks.examples import materialize_examples
 from app.web.mount import install_console
@@ -43,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cfg = settings or get_settings()
         _configure_logging()
         stop_redacting_logs = install_log_redaction(cfg.secret_values)
+        check_metrics_mode(cfg)  # several processes, one /metrics (docs/DEPLOYMENT.md)
         if cfg.auto_migrate:
             upgrade_to_head(cfg.database_url)
         runtime = Runtime.build(cfg)
@@ -53,6 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop_redacting_logs()
             raise
         telemetry = setup_telemetry(cfg, app=app, engine=runtime.engine)
+        try:
+            app.state.gateway = Gateway.build(runtime, app.state.access)  # /v1 (app/gateway)
+        except BaseException:
+            telemetry.shutdown()
+            runtime.close()
+            stop_redacting_logs()
+            raise
         app.state.runtime = runtime
         set_runtime(runtime)
         materialize_examples(cfg.examples_dir)
@@ -68,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.stop_jobs()
             set_runtime(None)
             try:
+                await app.state.gateway.aclose()
                 await runtime.async_openai_client.close()
             finally:
                 runtime.close()  # the final spool replay happens here, whatever failed above
@@ -83,12 +95,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware)
     app.include_router(health_router)
+    # The OpenAI-compatible gateway: its own keys check and OpenAI-shaped errors (app/gateway).
+    app.include_router(gateway_router)
     app.include_router(limits_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(tasks_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     # Before the usage router: its fixed path must win over any /usage/{...} route added there.
     app.include_router(usage_forecast_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(usage_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(admin_keys_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
+    app.include_router(admin_prices_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     app.include_router(notifications_router, dependencies=AUTHENTICATED, responses=ERROR_RESPONSES)
     install_console(app)  # the web console at / (app/web), outside the OpenAPI schema
     return app

@@ -8,15 +8,34 @@ task or user id (one series per task is the documented Prometheus anti-pattern; 
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import threading
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+)
 from prometheus_client import generate_latest as generate_text
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -56,17 +75,44 @@ LLM_BUDGET_SOFT_LIMIT = Counter(
 USAGE_SPOOLED = Counter(
     "llm_usage_spooled_total", "Usage rows written to the local spool (database unreachable)"
 )
-USAGE_SPOOL_PENDING = Gauge("llm_usage_spool_pending", "Usage rows waiting in the local spool")
+# Gauges say how the processes of one server (``PROMETHEUS_MULTIPROC_DIR``) are merged: a
+# count of this process's own things adds up (``livesum``); a value several processes read
+# from a shared place (the spool directory, the database) is reported once (``livemax``).
+USAGE_SPOOL_PENDING = Gauge(
+    "llm_usage_spool_pending",
+    "Usage rows waiting in the local spool",
+    multiprocess_mode="livemax",
+)
 TRACKING_ERRORS = Counter(
     "llm_tracking_errors_total",
     "Failures inside tracking, swallowed so the call goes on",
     ["stage"],
 )
+DATABASE_BREAKER_OPEN = Gauge(
+    "asa_database_breaker_open",
+    "1 while the database circuit breaker is open (rows spooled, no database waits), else 0",
+    multiprocess_mode="livemax",
+)
+DATABASE_BREAKER_TRIPS = Counter(
+    "asa_database_breaker_trips_total", "Times the database circuit breaker opened on an outage"
+)
 TASK_DURATION = Histogram(
     "task_duration_seconds", "Agent task duration", ["status"], buckets=TASK_DURATION_BUCKETS
 )
 TASK_SUCCESS = Counter("task_success_total", "Finished agent tasks by outcome", ["status"])
-ACTIVE_TASKS = Gauge("active_tasks", "Agent tasks queued or running", ["status"])
+ACTIVE_TASKS = Gauge(
+    "active_tasks", "Agent tasks queued or running", ["status"], multiprocess_mode="livesum"
+)
+# ``active_tasks{status="queued"}`` is the queue's length in the database, which every worker
+# process reads: with several processes it is kept here (newest reading wins) and served as
+# that label of ``active_tasks`` (``_ServerCollector``), never summed. Not registered: it
+# lives only in the multiprocess files.
+_TASKS_QUEUED_SHARED = Gauge(
+    "asa_internal_tasks_queued",
+    "The queue's length as last read by a worker process",
+    multiprocess_mode="livemostrecent",
+    registry=None,
+)
 
 MAX_MODEL_LABELS = 100
 _model_labels: set[str] = set()
@@ -88,11 +134,159 @@ def agent_label(agent: str | None) -> str:
     return agent or "none"
 
 
-def render_metrics(accept: str | None) -> tuple[bytes, str]:
-    """The registry in OpenMetrics (with exemplars) when asked for, else the text format."""
+def set_queued_tasks(count: int) -> None:
+    """``active_tasks{status="queued"}``: the queue's length a worker just read."""
+    if MULTIPROCESS:
+        _TASKS_QUEUED_SHARED.set(count)
+    else:
+        ACTIVE_TASKS.labels("queued").set(count)
+
+
+def render_metrics(accept: str | None, multiprocess_dir: Path | None = None) -> tuple[bytes, str]:
+    """The metrics in OpenMetrics (with exemplars) when asked for, else the text format.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` (``multiprocess_dir``) they are the whole server's: the
+    files of every process of the server merged (prometheus_client's multiprocess mode, which
+    keeps no exemplars); else this process's registry.
+    """
+    registry: CollectorRegistry = REGISTRY
+    if MULTIPROCESS and multiprocess_dir is not None:
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(_ServerCollector(multiprocess_dir))
     if accept and "application/openmetrics-text" in accept:
-        return generate_openmetrics(REGISTRY), OPENMETRICS_TYPE  # type: ignore[no-untyped-call]
-    return generate_text(REGISTRY), CONTENT_TYPE_LATEST
+        return generate_openmetrics(registry), OPENMETRICS_TYPE  # type: ignore[no-untyped-call]
+    return generate_text(registry), CONTENT_TYPE_LATEST
+
+
+# -- several processes, one /metrics (prometheus_client's multiprocess mode) -------------------
+#
+# Chosen over one port per process: a server run with `uvicorn --workers N` (or gunicorn) has
+# one address, and a scrape of it reaches one process picked by the kernel; with the values of
+# every process kept in files in one directory, any process answers for the whole server, and
+# Prometheus needs one target per server, not per process it cannot address.
+
+# prometheus_client decides once, when it is first imported, from PROMETHEUS_MULTIPROC_DIR in
+# the process's environment; this is that decision.
+MULTIPROCESS: bool = prometheus_values.ValueClass is not prometheus_values.MutexValue
+
+
+class MetricsModeError(RuntimeError):
+    """PROMETHEUS_MULTIPROC_DIR is unusable, or reached the settings but not prometheus_client."""
+
+
+def check_metrics_mode(settings: Settings) -> None:
+    """Refuse to start with a multiprocess set-up that would serve wrong metrics, and drop the
+    files that processes of this server which died left for their live gauges."""
+    directory = settings.prometheus_multiproc_dir
+    if directory is None and not MULTIPROCESS:
+        return
+    if directory is None:
+        raise MetricsModeError("PROMETHEUS_MULTIPROC_DIR is set but empty")
+    if not MULTIPROCESS:
+        raise MetricsModeError(
+            "PROMETHEUS_MULTIPROC_DIR must be in the process's environment when it starts "
+            "(prometheus_client reads it on import), not only in a .env file"
+        )
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise MetricsModeError(f"PROMETHEUS_MULTIPROC_DIR={directory} is not a writable directory")
+    forget_dead_processes(directory)
+
+
+def forget_dead_processes(directory: Path) -> list[int]:
+    """Remove the live-gauge files of processes that no longer run; returns their pids.
+
+    Their counters and histograms stay: what a process counted before it died is part of the
+    server's totals until the directory is emptied, before the next start of the server.
+    """
+    dead: set[int] = set()
+    for path in directory.glob("gauge_live*_*.db"):
+        pid_text = path.stem.rsplit("_", 1)[-1]
+        if pid_text.isdigit() and not _process_runs(int(pid_text)):
+            dead.add(int(pid_text))
+    for pid in dead:
+        mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    return sorted(dead)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class _ServerCollector(Collector):
+    """Every process's values merged, live gauges of dead processes dropped, and the queue's
+    length served as ``active_tasks{status="queued"}``."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        forget_dead_processes(self._directory)
+        files = [str(p) for p in self._directory.glob("*.db")]
+        families = list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+        queued = [f for f in families if f.name == _TASKS_QUEUED_SHARED._name]
+        families = [f for f in families if f.name != _TASKS_QUEUED_SHARED._name]
+        if queued and queued[0].samples:
+            active = next((f for f in families if f.name == ACTIVE_TASKS._name), None)
+            if active is None:
+                active = Metric(ACTIVE_TASKS._name, ACTIVE_TASKS._documentation, "gauge")
+                families.append(active)
+            value = queued[0].samples[0].value
+            active.samples.append(Sample(ACTIVE_TASKS._name, {"status": "queued"}, value))
+        return families
+
+
+class _SilentHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class MetricsServer:
+    """``GET /metrics`` of a process that serves no API (``asa worker --metrics-port``), with
+    the API's rules: ``METRICS_TOKEN`` as a bearer token when set, the server's merged metrics
+    in multiprocess mode."""
+
+    def __init__(
+        self, host: str, port: int, token: str | None, multiprocess_dir: Path | None
+    ) -> None:
+        self._token = token
+        self._multiprocess_dir = multiprocess_dir
+        self._server = make_server(
+            host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_SilentHandler
+        )
+        self.port: int = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="asa-metrics-server", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"Not found: metrics are at /metrics\n"]
+        if self._token is not None:
+            sent = str(environ.get("HTTP_AUTHORIZATION", ""))
+            if not hmac.compare_digest(sent.encode(), f"Bearer {self._token}".encode()):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+                return [b"/metrics requires the METRICS_TOKEN bearer token.\n"]
+        body, content_type = render_metrics(environ.get("HTTP_ACCEPT"), self._multiprocess_dir)
+        start_response("200 OK", [("Content-Type", content_type)])
+        return [body]
 
 
 @dataclass
@@ -136,13 +330,18 @@ def setup_telemetry(
         return Telemetry()
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from app.core.span_redaction import RedactingSpanExporter
 
     resource = Resource.create({SERVICE_NAME: settings.otel_service_name})
+    if SERVICE_INSTANCE_ID not in resource.attributes:
+        # One per process: with several processes (uvicorn --workers, asa worker on other
+        # machines) each exports its own cumulative metric streams, which a backend must not
+        # take for one stream that keeps resetting; it sums them across instances.
+        resource = resource.merge(Resource({SERVICE_INSTANCE_ID: str(uuid.uuid4())}))
     provider = TracerProvider(resource=resource)
     if span_exporter is None:
         span_exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, timeout=5)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import InvalidInput, NotFound
 from app.models import NAME_MAX_CHARS, USER_ID_PATTERN, ApiKey, utcnow
+from app.models.api_keys import MAX_ALLOWED_MODELS, MODEL_MAX_CHARS
 
 Role = Literal["user", "admin"]
 ROLES: tuple[Role, ...] = ("user", "admin")
@@ -55,11 +57,42 @@ def key_prefix(key: str) -> str | None:
     return match.group(1) if match else None
 
 
+def check_allowed_models(models: Sequence[str] | None) -> list[str] | None:
+    """A key's model allow-list, validated and de-duplicated (None: any model)."""
+    if models is None:
+        return None
+    if isinstance(models, str) or len(models) > MAX_ALLOWED_MODELS:
+        raise InvalidInput(
+            f"allowed_models must be a list of at most {MAX_ALLOWED_MODELS} model names.",
+            field="allowed_models",
+        )
+    checked: list[str] = []
+    for model in models:
+        if (
+            not isinstance(model, str)
+            or not model
+            or len(model) > MODEL_MAX_CHARS
+            or not model.isprintable()
+        ):
+            raise InvalidInput(
+                f"each allowed model must be 1-{MODEL_MAX_CHARS} printable characters.",
+                field="allowed_models",
+            )
+        if model not in checked:
+            checked.append(model)
+    return checked
+
+
 def create_key(
-    session: Session, *, user_id: str, role: Role = "user", name: str | None = None
+    session: Session,
+    *,
+    user_id: str,
+    role: Role = "user",
+    name: str | None = None,
+    allowed_models: Sequence[str] | None = None,
 ) -> IssuedKey:
     """Issue a key for ``user_id``; the returned ``key`` is never stored and cannot be shown
-    again."""
+    again. ``allowed_models``: the only models it may call through the gateway (None: any)."""
     if not _USER_ID_RE.fullmatch(user_id):
         raise InvalidInput(
             "user_id must be 1-64 characters: letters, digits and . _ : @ - (not first).",
@@ -71,9 +104,15 @@ def create_key(
         raise InvalidInput(
             f"name must be at most {NAME_MAX_CHARS} printable characters.", field="name"
         )
+    models = check_allowed_models(allowed_models)
     prefix, key = _new_key()
     row = ApiKey(
-        user_id=user_id, role=role, name=name or None, prefix=prefix, key_hash=hash_key(key)
+        user_id=user_id,
+        role=role,
+        name=name or None,
+        prefix=prefix,
+        key_hash=hash_key(key),
+        allowed_models=models,
     )
     session.add(row)
     session.flush()
@@ -85,15 +124,34 @@ def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
-    """Revoke a key (idempotent: a revoked key keeps its first ``revoked_at``)."""
+def get_key(session: Session, key_id: str) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFound(f"No API key {key_id}.")
+    return row
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    """Revoke a key (idempotent: a revoked key keeps its first ``revoked_at``)."""
+    row = get_key(session, key_id)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()
     return row
+
+
+def set_allowed_models(session: Session, key_id: str, models: Sequence[str] | None) -> ApiKey:
+    """Replace a key's model allow-list (None: any model)."""
+    row = get_key(session, key_id)
+    row.allowed_models = check_allowed_models(models)
+    session.flush()
+    return row
+
+
+def allowed_models(session: Session, key_id: str) -> list[str] | None:
+    """The models a key may call (None: any, or no such key)."""
+    value = session.scalar(select(ApiKey.allowed_models).where(ApiKey.id == key_id))
+    return list(value) if isinstance(value, list) else None
 
 
 def keys_configured(session: Session) -> bool:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from openai.types.chat import ChatCompletion
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
+from app.core.errors import BudgetExceededError
 from app.core.runtime import Runtime
 from app.tracking.llm_client import LLMClient
 from app.tracking.pricing import TokenUsage
@@ -29,8 +31,50 @@ To create a file, leave the SEARCH part empty. A unified diff in a ```diff block
 Keep each SEARCH part small but unique in its file."""
 
 
+class ModelChoice:
+    """The model a task's agents call, shared by all of them: the task's model until a call's
+    worst case no longer fits in the task's budget, then (when the task asked for one, and for
+    the rest of the task) its cheaper ``fallback``. ``on_switch(from, to, reason)`` records it.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        fallback: str | None = None,
+        on_switch: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.fallback = fallback if fallback != model else None
+        self.on_switch = on_switch
+        self.switched = False
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str:
+        return self.fallback if self.switched and self.fallback else self.model
+
+    def switch_for(self, refused: BudgetExceededError) -> bool:
+        """Switch to the fallback after the task's budget refused a call; False when there is
+        nothing to switch to (no fallback, switched already, or another scope refused it)."""
+        if refused.scope != "task" or self.fallback is None:
+            return False
+        with self._lock:
+            if self.switched:
+                return False
+            self.switched = True
+        if self.on_switch is not None:
+            reason = (
+                f"the next call's worst case (${refused.requested_usd}) exceeds what the task's "
+                f"budget has left (${refused.limit_usd} limit, ${refused.spent_usd} spent)"
+            )
+            self.on_switch(self.model, self.fallback, reason)
+        return True
+
+
 class Agent:
-    """An agent makes its LLM calls through ``LLMClient`` under its own name, in its own span."""
+    """An agent makes its LLM calls through ``LLMClient`` under its own name, in its own span.
+
+    ``model``: a model name, or a task's shared ``ModelChoice`` (budget-aware fallback)."""
 
     name = "Agent"
     max_tokens = 4096
@@ -41,17 +85,22 @@ class Agent:
         *,
         task_id: str,
         user_id: str,
-        model: str,
+        model: str | ModelChoice,
         tracer: Tracer | None = None,
     ) -> None:
         self.runtime = runtime
         self.task_id = task_id
         self.user_id = user_id
-        self.model = model
+        self.choice = model if isinstance(model, ModelChoice) else ModelChoice(model)
         self._tracer = tracer or trace.get_tracer("app.agents")
         self.llm = LLMClient(
             task_id=task_id, user_id=user_id, agent=self.name, runtime=runtime, tracer=self._tracer
         )
+
+    @property
+    def model(self) -> str:
+        """The model the next call goes to."""
+        return self.choice.current
 
     def ask(self, system: str, user: str) -> str:
         """One tracked chat completion; the reply's text."""
@@ -63,6 +112,15 @@ class Agent:
     def chat(self, messages: Sequence[Any], **kwargs: Any) -> ChatCompletion:
         """One tracked chat completion in the agent's span (extra ``kwargs`` such as ``tools``
         go to the SDK as they are)."""
+        try:
+            return self._chat(messages, **kwargs)
+        except BudgetExceededError as refused:
+            # Refused before reaching the provider: with a fallback, the same call again on it.
+            if not self.choice.switch_for(refused):
+                raise
+        return self._chat(messages, **kwargs)
+
+    def _chat(self, messages: Sequence[Any], **kwargs: Any) -> ChatCompletion:
         with self._tracer.start_as_current_span(self.name) as span:
             span.set_attribute("asa.agent", self.name)
             response: Any = self.llm.chat_completion(

@@ -24,7 +24,7 @@ import openai
 from openai.types.chat import ChatCompletion
 from opentelemetry.trace import Tracer
 
-from app.agents.base import EDIT_FORMAT, Agent
+from app.agents.base import EDIT_FORMAT, Agent, ModelChoice
 from app.agents.localize import Localization, localize
 from app.agents.localizer import Localizer
 from app.agents.prompt_context import (
@@ -99,7 +99,7 @@ class FixAgent(Agent):
         *,
         task_id: str,
         user_id: str,
-        model: str,
+        model: str | ModelChoice,
         tracer: Tracer | None = None,
         use_tools: bool | None = None,
         on_step: StepCallback | None = None,
@@ -173,7 +173,7 @@ class FixAgent(Agent):
             self.runtime,
             task_id=self.task_id,
             user_id=self.user_id,
-            model=self.model,
+            model=self.choice,
             tracer=self._tracer,
         )
         symbols, paths, response = localizer.pick(

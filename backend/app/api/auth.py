@@ -41,7 +41,7 @@ from app.access.principal import LOCAL_USER, Principal
 from app.core.config import Settings
 from app.core.db import transaction
 from app.core.errors import Forbidden, ServiceUnavailable, Unauthorized
-from app.core.rate_limit import TokenBucketLimiter
+from app.core.rate_limit import RateLimiter, submit_rate_limiter
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class AccessControl:
     """The request guards of one running service, built by ``start_access_control``."""
 
     authenticator: Authenticator
-    submit_limiter: TokenBucketLimiter | None
+    submit_limiter: RateLimiter | None
     max_body_bytes: int
     metrics_token: str | None
 
@@ -305,11 +305,7 @@ def start_access_control(
             "require a bearer token.",
             settings.bind_host,
         )
-    limiter = None
-    if settings.task_submit_rate_per_minute > 0:
-        limiter = TokenBucketLimiter(
-            settings.task_submit_rate_per_minute, settings.task_submit_burst
-        )
+    limiter = submit_rate_limiter(settings, session_factory)
     token = settings.metrics_token
     return AccessControl(
         authenticator=authenticator,

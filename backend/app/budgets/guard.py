@@ -45,23 +45,48 @@ Models without a known price reserve 0: they are admitted only while their scope
 something left, and their calls (recorded ``unpriced``) add nothing to spend — give them a price
 in ``PRICE_OVERRIDES`` to budget them.
 
-If the budget store fails (the database is unreachable), calls are refused with
-``BudgetUnavailableError`` (503) when any ``BUDGET_*`` default limit is set; with none set they go
-ahead unmetered (logged, and counted in ``llm_tracking_errors_total{stage="budget"}``), as
-per-user and per-task overrides cannot be read then. A settle that fails the same way is logged
-by the client (``llm_tracking_errors_total{stage="settle"}``); its reservation stays held until it
-expires (erring towards refusing), and its cost reaches the usage ledger but not the counters.
+Async calls queued together on the tracking thread (``app.tracking.db_worker``) reserve in one
+transaction (``_reserve_batch``): every counter row the batch needs is updated in lock order,
+each reservation by the same conditional UPDATE as alone, and one refused on a later counter
+gives back what it took on the earlier ones (rows the transaction already holds). A batch makes
+no counter it finds missing and sweeps nothing inside its transaction: those calls go the way of
+a call alone, after the batch commits.
+
+The database breaker (``app.tracking.breaker``): when the database is unavailable, or was a
+moment ago (the breaker is open), ``reserve`` does not wait for it. A call is then refused at
+once with ``BudgetUnavailableError`` (503, "the database is unavailable") when a limit may apply
+to it: a ``BUDGET_*`` default limit is set, or this process last saw a limit on its task, its user
+or the global scope (it remembers the last ``KNOWN_LIMITED_MAX`` subjects it read). Any other
+call goes ahead unmetered (logged, counted in ``llm_tracking_errors_total{stage="budget"}``).
+The bound on what the outage lets through unchecked: the calls of subjects limited only by an
+override this process has not read since it started (or forgot); their spend still reaches the
+ledger and the counters when the spool is replayed, and their next call after that is checked.
+
+A settlement that cannot reach the database is spooled with its usage row (``CallContext.
+reservation``, ``Reservation.to_json``) and settled in the row's replay transaction
+(``replay_settlement``), idempotently: the reservation is released by the transaction that
+deletes it, once. So minutes after an outage the counters equal the ledger and the open
+reservations are the calls really in flight, without waiting for the reservation TTL.
+
+Counter rows of closed windows are pruned by the sweep (``prune_counters``, hourly): a window
+that ended at least ``BUDGET_RESERVATION_TTL_SECONDS`` ago (no reservation can still settle on
+it), and a task's counter idle for ``TASK_COUNTER_IDLE`` with no reservation open. Nothing reads
+a closed window's counter (``app.budgets.limits`` reads the current window, else the ledger's
+rollups, which are never pruned), and a pruned task counter is made again from the ledger by the
+task's next limited call, with the same spend (only its soft-limit warning may come again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -80,6 +105,8 @@ from app.core.prepared import Tx, write_gate
 from app.models import BudgetScope
 from app.notifications import outbox as notification_outbox  # issue 16: events in the outbox
 from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
+from app.tracking.breaker import database_breaker
+from app.tracking.db_worker import batched
 from app.tracking.pricing import PriceBook, TokenUsage
 from app.tracking.record import UsageRecord
 from app.tracking.tracker import CallContext, estimate_prompt_tokens, estimate_tokens
@@ -103,6 +130,14 @@ PROMPT_OVERHEAD_TOKENS = 3
 TASK_WINDOW = date(1970, 1, 1)
 SWEEP_INTERVAL_SECONDS = 60.0
 SWEEP_BATCH = 500
+PRUNE_INTERVAL_SECONDS = 3600.0
+# A task's counter unused this long, with no reservation open, is pruned (the ledger keeps its
+# spend; the task's next limited call makes the counter again from it).
+TASK_COUNTER_IDLE = timedelta(days=7)
+KNOWN_LIMITED_MAX = 4096  # subjects remembered as limited, for deciding during an outage
+# Scopes whose one window is their subject's whole life (``window_start`` 1970-01-01).
+LIFETIME_SCOPES = frozenset({BudgetScope.TASK, BudgetScope.KEY})
+_NO_DEFAULT = frozenset({BudgetScope.KEY})  # set per subject only, no BUDGET_* variable
 
 
 def utcnow() -> datetime:
@@ -113,7 +148,7 @@ def utcnow() -> datetime:
 
 
 def window_start(scope: BudgetScope, day: date) -> date:
-    if scope is BudgetScope.TASK:
+    if scope in LIFETIME_SCOPES:
         return TASK_WINDOW
     if scope is BudgetScope.USER_MONTHLY:
         return day.replace(day=1)
@@ -121,16 +156,19 @@ def window_start(scope: BudgetScope, day: date) -> date:
 
 
 def window_end(scope: BudgetScope, start: date) -> date | None:
-    """The first day after the window (exclusive end), None for a task."""
-    if scope is BudgetScope.TASK:
+    """The first day after the window (exclusive end), None for a task or a key."""
+    if scope in LIFETIME_SCOPES:
         return None
     if scope is BudgetScope.USER_MONTHLY:
         return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
     return start + timedelta(days=1)
 
 
-def counter_keys(task_id: str | None, user_id: str | None, day: date) -> list[CounterKey]:
-    """The counters a call of this task and user on this UTC day is booked to, in lock order."""
+def counter_keys(
+    task_id: str | None, user_id: str | None, day: date, key_id: str | None = None
+) -> list[CounterKey]:
+    """The counters a call of this task and user (made with this gateway key) on this UTC day
+    is booked to, in lock order."""
     keys: list[CounterKey] = []
     if task_id:
         keys.append(CounterKey(BudgetScope.TASK, task_id, TASK_WINDOW))
@@ -138,7 +176,15 @@ def counter_keys(task_id: str | None, user_id: str | None, day: date) -> list[Co
         keys.append(CounterKey(BudgetScope.USER_DAILY, user_id, day))
         keys.append(CounterKey(BudgetScope.USER_MONTHLY, user_id, day.replace(day=1)))
     keys.append(CounterKey(BudgetScope.GLOBAL_DAILY, "", day))
+    if key_id:
+        keys.append(CounterKey(BudgetScope.KEY, key_id, TASK_WINDOW))
     return keys
+
+
+def key_of(context: CallContext) -> str | None:
+    """The gateway key a call was made with (``app.gateway``'s context carries one)."""
+    key_id = getattr(context, "key_id", None)
+    return key_id if isinstance(key_id, str) else None
 
 
 # -- limits -----------------------------------------------------------------------------------
@@ -159,7 +205,7 @@ def default_limit_pico(settings: Settings, scope: BudgetScope) -> int | None:
         BudgetScope.USER_DAILY: settings.budget_user_daily_usd,
         BudgetScope.USER_MONTHLY: settings.budget_user_monthly_usd,
         BudgetScope.GLOBAL_DAILY: settings.budget_global_daily_usd,
-    }[scope]
+    }.get(scope)  # a key's budget is set per key only
     return None if usd is None else usd_to_pico(usd)
 
 
@@ -176,8 +222,12 @@ def effective_limit(
 
 
 def default_limits(settings: Settings) -> dict[BudgetScope, Limit]:
-    """The environment's limit of each scope."""
-    return {scope: effective_limit(settings, scope, None) for scope in BudgetScope}
+    """The environment's limit of each scope (a key's budget has no default)."""
+    return {
+        scope: effective_limit(settings, scope, None)
+        for scope in BudgetScope
+        if scope not in _NO_DEFAULT
+    }
 
 
 def resolve_limits(
@@ -189,10 +239,11 @@ def resolve_limits(
     defaults: Mapping[BudgetScope, Limit],
 ) -> dict[BudgetScope, Limit]:
     """Each key's limit: its override if an administrator set one, else ``defaults``."""
-    overrides = store.read_override_limits(tx, task_id, user_id)
+    key_id = next((k.subject_id for k in keys if k.scope is BudgetScope.KEY), None)
+    overrides = store.read_override_limits(tx, task_id, user_id, key_id)
     return {
         k.scope: (
-            defaults[k.scope]
+            (defaults.get(k.scope) or effective_limit(settings, k.scope, None))
             if (override := overrides.get((k.scope, k.subject_id))) is None
             else effective_limit(settings, k.scope, override)
         )
@@ -271,6 +322,29 @@ class Reservation:
     window_day: date
     limits: Mapping[BudgetScope, Limit]
     held: bool = True
+    key_id: str | None = None  # the gateway key (its ``key`` counter is held too)
+
+    def to_json(self) -> dict[str, Any]:
+        """What the spool keeps of it (``from_json`` reads it back)."""
+        data: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "limits"
+        }
+        data["window_day"] = self.window_day.isoformat()
+        data["limits"] = {
+            scope.value: [limit.limit_pico, str(limit.soft_threshold), limit.source]
+            for scope, limit in self.limits.items()
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Reservation:
+        values = dict(data)
+        values["window_day"] = date.fromisoformat(values["window_day"])
+        values["limits"] = {
+            BudgetScope(scope): Limit(pico, Decimal(threshold), source)
+            for scope, (pico, threshold, source) in values["limits"].items()
+        }
+        return cls(**values)
 
 
 class DatabaseBudgetGuard:
@@ -289,6 +363,7 @@ class DatabaseBudgetGuard:
     ) -> None:
         self._engine = engine
         self._gate = write_gate(engine)
+        self._breaker = database_breaker(engine)
         self._settings = settings
         self._defaults = default_limits(settings)
         self._limits_cache: LimitsCache[dict[BudgetScope, Limit]] = LimitsCache(
@@ -299,6 +374,8 @@ class DatabaseBudgetGuard:
         self._ttl = timedelta(seconds=settings.budget_reservation_ttl_seconds)
         self._sweep_lock = threading.Lock()
         self._next_sweep = 0.0
+        self._next_prune = 0.0
+        self._known = _KnownLimited(any_default_limit(settings))
 
     def worst_case(
         self, model: str, request: Mapping[str, Any], provider: str | None = None
@@ -316,29 +393,43 @@ class DatabaseBudgetGuard:
     ) -> Reservation | None:
         """Reserve the call's worst-case cost on every scope, or raise ``BudgetExceededError``.
 
-        Returns None (nothing to settle) only when the database is unreachable and no default
-        limit is configured.
+        Returns None (nothing to settle) only when the database is unavailable and no limit is
+        known to apply. On the tracking thread, with other calls queued, it joins their batch.
         """
         now = self._clock()
-        amount = functools.cache(
-            lambda: self.worst_case(model, request, context.provider).cost_pico
-        )
         try:
-            try:
-                return self._reserve(context, amount, now)
-            except BudgetExceededError:
-                # A dead process's reservations may be what fills the scope: reclaim, retry once.
-                if self.sweep_expired(now=now) == 0:
-                    raise
-                return self._reserve(context, amount, now)
+            outcome: Reservation | BudgetExceededError | None = batched(
+                self._reserve_batch, _Pending(context, model, request, now)
+            )
+            if isinstance(outcome, BudgetExceededError):
+                raise outcome
+            if outcome is None:
+                amount = functools.cache(
+                    lambda: self.worst_case(model, request, context.provider).cost_pico
+                )
+                outcome = self._reserve_alone(context, amount, now)
+            if outcome.held:
+                context.reservation = outcome  # spooled with the call's row if need be
+            return outcome
         except BudgetExceededError as exc:
             LLM_BUDGET_BLOCKED.labels(exc.scope).inc()
             # Notifications (issue 16): budget.exhausted, once per window; never raises.
             notification_outbox.record_budget_blocked(self._engine, exc, context.user_id)
             raise
         except SQLAlchemyError as exc:
-            self._unavailable(exc)
+            self._unavailable(exc, context)
             return None
+
+    def _reserve_alone(
+        self, context: CallContext, amount: Callable[[], int], now: datetime
+    ) -> Reservation:
+        try:
+            return self._reserve(context, amount, now)
+        except BudgetExceededError:
+            # A dead process's reservations may be what fills the scope: reclaim, retry once.
+            if self.sweep_expired(now=now) == 0:
+                raise
+            return self._reserve(context, amount, now)
 
     def reserve_nowait(self, *, context: CallContext) -> Reservation | None:
         """The (empty) reservation of a call that no scope limits, when a read that never waits
@@ -346,8 +437,10 @@ class DatabaseBudgetGuard:
 
         For event loops: the common case, nothing limited, costs no thread hop.
         """
+        if self._breaker.is_open:
+            return None  # ``reserve`` decides without the database
         day = self._clock().date()
-        keys = counter_keys(context.task_id, context.user_id, day)
+        keys = counter_keys(context.task_id, context.user_id, day, key_of(context))
         try:
             limits = self._limits(context, keys, wait=False)
         except SQLAlchemyError:
@@ -362,9 +455,14 @@ class DatabaseBudgetGuard:
         """The call's limits: reused while no override changed (SQLite, ``override_signal``),
         else read on the kept local connection when free, else (``wait``) on one from the pool;
         None when it would have to wait and ``wait`` is False."""
-        return self._limits_cache.get(
-            context.task_id, context.user_id, lambda: self._read_limits(context, keys, wait)
+        key_id = key_of(context)
+        subject = context.user_id if key_id is None else f"{context.user_id}\x00{key_id}"
+        limits = self._limits_cache.get(
+            context.task_id, subject, lambda: self._read_limits(context, keys, wait)
         )
+        if limits is not None:
+            self._known.remember(context, limits)
+        return limits
 
     def _read_limits(
         self, context: CallContext, keys: list[CounterKey], wait: bool
@@ -376,16 +474,26 @@ class DatabaseBudgetGuard:
                 )
         if not wait:
             return None
-        with self._gate.transaction(write=False) as tx:
+        with self._breaker.transaction(self._gate, write=False) as tx:
             return resolve_limits(
                 tx, self._settings, context.task_id, context.user_id, keys, self._defaults
             )
 
+    def _resolve_in(
+        self, tx: Tx, context: CallContext, keys: list[CounterKey]
+    ) -> dict[BudgetScope, Limit]:
+        limits = resolve_limits(
+            tx, self._settings, context.task_id, context.user_id, keys, self._defaults
+        )
+        self._known.remember(context, limits)
+        return limits
+
     def _reserve(
         self, context: CallContext, worst_case: Callable[[], int], now: datetime
     ) -> Reservation:
+        self._breaker.check()  # open: decide now, without waiting for the database
         day = now.date()
-        keys = counter_keys(context.task_id, context.user_id, day)
+        keys = counter_keys(context.task_id, context.user_id, day, key_of(context))
         # SQLite: the limits from a read first, and a write transaction only if one applies
         # (that transaction must start with its write). PostgreSQL: the limits are read in the
         # reservation's own transaction (one transaction, not two: each costs round trips),
@@ -402,7 +510,7 @@ class DatabaseBudgetGuard:
                     raise
                 # The first limited call of a window: make its counters from the ledger (in a
                 # transaction of its own, holding no counter row), then try again.
-                with self._gate.transaction() as tx:
+                with self._breaker.transaction(self._gate) as tx:
                     store.seed_counters(tx, keys, now)
         raise AssertionError("unreachable")
 
@@ -424,16 +532,14 @@ class DatabaseBudgetGuard:
         """Take the reservation on every counter of the call, or on none of them."""
         day = now.date()
         # Raising inside the block rolls back every scope's increment made before it.
-        with self._gate.transaction() as tx:
+        with self._breaker.transaction(self._gate) as tx:
             if limits is None:
-                limits = resolve_limits(
-                    tx, self._settings, context.task_id, context.user_id, keys, self._defaults
-                )
+                limits = self._resolve_in(tx, context, keys)
                 if _unlimited(limits):
                     return self._unheld(context, day, limits)  # nothing was written
             amount = worst_case()  # only now: a call nothing limits never needs it
             row = store.ReservationRow(
-                uuid.uuid4().hex, amount, context.task_id, context.user_id, day
+                uuid.uuid4().hex, amount, context.task_id, context.user_id, day, key_of(context)
             )
             # The reservation row before the counters: on SQLite the transaction starts with a
             # write (it takes the write lock at once, never upgrading a read snapshot), and the
@@ -445,7 +551,135 @@ class DatabaseBudgetGuard:
                 if not store.try_reserve(tx, key, amount, limit, now):
                     state = store.read_counter(tx, key) or CounterState()
                     raise self._exceeded(key, limit or 0, state, amount)
-        return Reservation(row.id, amount, context.task_id, context.user_id, day, limits)
+        return Reservation(
+            row.id, amount, context.task_id, context.user_id, day, limits, key_id=row.key_id
+        )
+
+    # -- batches (the tracking thread) ----------------------------------------------------
+
+    def _reserve_batch(
+        self, pending: Sequence[_Pending]
+    ) -> list[Reservation | BudgetExceededError | None]:
+        """The reservations of calls queued together, in one transaction; per call its
+        reservation, its refusal, or None (reserve it alone: its counters do not exist yet, the
+        sweep freed room after it was refused, or the database failed)."""
+        results: list[Reservation | BudgetExceededError | None] = [None] * len(pending)
+        if self._breaker.is_open:
+            return results
+        plans: list[_Plan] = []
+        sqlite = self._engine.dialect.name == "sqlite"
+        try:
+            for index, call in enumerate(pending):
+                day = call.now.date()
+                keys = counter_keys(
+                    call.context.task_id, call.context.user_id, day, key_of(call.context)
+                )
+                limits = self._limits(call.context, keys, wait=sqlite)
+                if limits is not None and _unlimited(limits):
+                    results[index] = self._unheld(call.context, day, limits)
+                else:
+                    plans.append(_Plan(index, call, keys, limits))
+            if not plans:
+                return results
+            self._sweep_if_due(max(call.now for call in pending))
+            with self._breaker.transaction(self._gate) as tx:
+                for plan in plans:
+                    if plan.limits is None:  # PostgreSQL: read in the transaction
+                        plan.limits = self._resolve_in(tx, plan.call.context, plan.keys)
+                    if _unlimited(plan.limits):
+                        day = plan.call.now.date()
+                        results[plan.index] = self._unheld(plan.call.context, day, plan.limits)
+                        plan.outcome = _DONE
+                    else:
+                        plan.amount = self.worst_case(
+                            plan.call.model, plan.call.request, plan.call.context.provider
+                        ).cost_pico
+                self._hold_many(tx, [p for p in plans if p.outcome is None])
+            new_window = [p for p in plans if p.outcome is _ALONE]
+            if new_window:
+                # The first calls of a window (a new task, a new day): make all their counters
+                # in one transaction, then take their reservations in one more.
+                now = max(call.now for call in pending)
+                with self._breaker.transaction(self._gate) as tx:
+                    fresh = {key for plan in new_window for key in plan.keys}
+                    store.seed_counters(tx, sorted(fresh, key=lambda k: k.lock_order), now)
+                for plan in new_window:
+                    plan.outcome = None
+                with self._breaker.transaction(self._gate) as tx:
+                    self._hold_many(tx, new_window)
+        except SQLAlchemyError as exc:
+            logger.warning("A batch of %d reservations failed; each alone: %s", len(plans), exc)
+            return [r if isinstance(r, Reservation) else None for r in results]
+        refused = [p for p in plans if isinstance(p.outcome, BudgetExceededError)]
+        # A dead process's reservations may be what fills a scope: reclaim, and the refused
+        # calls try again alone.
+        retry = bool(refused) and self._sweep_refused(max(call.now for call in pending))
+        for plan in plans:
+            if plan.outcome is _DONE:
+                continue
+            if plan.outcome is None:
+                context = plan.call.context
+                results[plan.index] = Reservation(
+                    plan.row_id,
+                    plan.amount,
+                    context.task_id,
+                    context.user_id,
+                    plan.call.now.date(),
+                    plan.limits or {},
+                    key_id=key_of(context),
+                )
+            elif isinstance(plan.outcome, BudgetExceededError) and not retry:
+                results[plan.index] = plan.outcome
+        return results
+
+    def _sweep_refused(self, now: datetime) -> bool:
+        try:
+            return self.sweep_expired(now=now) > 0
+        except SQLAlchemyError:
+            return False
+
+    def _hold_many(self, tx: Tx, plans: list[_Plan]) -> None:
+        """Take each plan's reservation on all its counters or none, counters in lock order.
+
+        Every counter row is updated in ``lock_order`` across the whole batch (as a call alone
+        does for its own), so two batches, or a batch and a call, never wait for each other in
+        a cycle. A plan refused on a counter gives back what it took on the earlier ones, which
+        this transaction already holds.
+        """
+        by_key: dict[CounterKey, list[_Plan]] = {}
+        for plan in plans:
+            for key in plan.keys:
+                by_key.setdefault(key, []).append(plan)
+        for key in sorted(by_key, key=lambda k: k.lock_order):
+            for plan in by_key[key]:
+                if plan.outcome is not None:
+                    continue
+                assert plan.limits is not None
+                limit = plan.limits[key.scope].limit_pico
+                try:
+                    if store.try_reserve(tx, key, plan.amount, limit, plan.call.now):
+                        plan.taken.append(key)
+                        continue
+                    state = store.read_counter(tx, key) or CounterState()
+                    plan.outcome = self._exceeded(key, limit or 0, state, plan.amount)
+                except store.CounterMissing:
+                    plan.outcome = _ALONE  # a new window: the call alone makes its counters
+                if plan.taken:
+                    give_back = dict.fromkeys(plan.taken, (0, -plan.amount))
+                    store.apply_counter_deltas(tx, give_back, plan.call.now)
+        for plan in plans:
+            if plan.outcome is None:
+                context, now = plan.call.context, plan.call.now
+                plan.row_id = uuid.uuid4().hex
+                row = store.ReservationRow(
+                    plan.row_id,
+                    plan.amount,
+                    context.task_id,
+                    context.user_id,
+                    now.date(),
+                    key_of(context),
+                )
+                store.insert_reservation(tx, row, created_at=now, expires_at=now + self._ttl)
 
     @staticmethod
     def _exceeded(
@@ -454,7 +688,7 @@ class DatabaseBudgetGuard:
         return BudgetExceededError(
             scope=key.scope.value,
             subject_id=key.subject_id or None,
-            window_start=None if key.scope is BudgetScope.TASK else key.window_start,
+            window_start=None if key.scope in LIFETIME_SCOPES else key.window_start,
             window_end=window_end(key.scope, key.window_start),
             limit_usd=pico_to_usd(limit_pico),
             spent_usd=pico_to_usd(state.spent_pico),
@@ -462,11 +696,11 @@ class DatabaseBudgetGuard:
             requested_usd=pico_to_usd(amount),
         )
 
-    def _unavailable(self, exc: SQLAlchemyError) -> None:
+    def _unavailable(self, exc: SQLAlchemyError, context: CallContext) -> None:
         TRACKING_ERRORS.labels("budget").inc()
-        if any_default_limit(self._settings):
+        if self._known.may_be_limited(context):
             raise BudgetUnavailableError(
-                "Budgets cannot be checked (the budget store failed); the call was not made."
+                "Budgets cannot be checked (the database is unavailable); the call was not made."
             ) from exc
         logger.warning("Budget store failed; the call goes ahead unmetered: %s", exc)
 
@@ -483,10 +717,14 @@ class DatabaseBudgetGuard:
         if not reservation.held:
             return  # nothing reserved; the ledger books the spend
         if tx is None:
-            with self._gate.transaction() as own:
-                released, after, warned = self._settle_on(own, reservation, record)
+            with self._breaker.transaction(self._gate) as own:
+                released, after, warned = settle_on(
+                    own, reservation, self._clock(), record.cost_pico_usd
+                )
         else:
-            released, after, warned = self._settle_on(tx, reservation, record)
+            released, after, warned = settle_on(
+                tx, reservation, self._clock(), record.cost_pico_usd
+            )
         if not released:
             logger.warning(
                 "Reservation %s had expired before its call settled; "
@@ -494,69 +732,22 @@ class DatabaseBudgetGuard:
                 reservation.id,
             )
         for key in warned:
-            self._warn_soft_limit(key, reservation.limits[key.scope], after[key])
+            _warn_soft_limit(key, reservation.limits[key.scope], after[key])
 
-    def _settle_on(
-        self, tx: Tx, reservation: Reservation, record: UsageRecord
-    ) -> tuple[bool, dict[CounterKey, CounterState], list[CounterKey]]:
-        # The spend itself is booked by the ledger: inserting the usage row adds its cost to
-        # the counters that exist (the trigger of revision 0005), in this same transaction.
-        released = store.delete_reservation(tx, reservation.id)
-        deltas = {}
-        if released:
-            keys = counter_keys(reservation.task_id, reservation.user_id, reservation.window_day)
-            deltas = dict.fromkeys(keys, (0, -reservation.amount_pico))
-        after = store.apply_counter_deltas(tx, deltas, self._clock())
-        warned = [
-            key
-            for key, state in after.items()
-            if self._crossed_soft_limit(reservation.limits.get(key.scope), state)
-            and store.mark_soft_warned(tx, key)
-        ]
-        for key in warned:  # notifications (issue 16): in the crossing's own transaction
-            notification_outbox.record_soft_threshold(
-                tx,
-                scope=key.scope.value,
-                subject_id=key.subject_id,
-                window_start=key.window_start,
-                limit_pico=reservation.limits[key.scope].limit_pico,
-                spent_pico=after[key].spent_pico,
-                soft_threshold=reservation.limits[key.scope].soft_threshold,
-                user_id=reservation.user_id,
-            )
-        return released, after, warned
-
-    @staticmethod
-    def _crossed_soft_limit(limit: Limit | None, state: CounterState) -> bool:
-        if limit is None or limit.limit_pico is None or state.soft_warned:
-            return False
-        return state.spent_pico >= limit.soft_threshold * limit.limit_pico
-
-    @staticmethod
-    def _warn_soft_limit(key: CounterKey, limit: Limit, state: CounterState) -> None:
-        LLM_BUDGET_SOFT_LIMIT.labels(key.scope.value).inc()
-        logger.warning(
-            "Budget %s%s reached %s%% of its limit: spent $%s of $%s (window from %s).",
-            key.scope.value,
-            f" of {key.subject_id}" if key.subject_id else "",
-            format((limit.soft_threshold * 100).normalize(), "f"),
-            format(pico_to_usd(state.spent_pico), "f"),
-            format(pico_to_usd(limit.limit_pico), "f"),
-            key.window_start.isoformat(),
-        )
-
-    # -- expiry ---------------------------------------------------------------------------
+    # -- expiry and pruning ---------------------------------------------------------------
 
     def sweep_expired(self, *, now: datetime | None = None) -> int:
         """Release the reservations whose expiry has passed; how many were released."""
         now = now or self._clock()
         total = 0
         while True:
-            with self._engine.begin() as conn:
+            with self._breaker.connection() as conn:
                 expired = store.delete_expired_reservations(conn, now, SWEEP_BATCH)
                 deltas: dict[CounterKey, tuple[int, int]] = {}
                 for row in expired:
-                    for key in counter_keys(row.task_id, row.user_id, row.window_day):
+                    for key in counter_keys(
+                        row.task_id, row.user_id, row.window_day, row.key_id
+                    ):
                         deltas[key] = (0, deltas.get(key, (0, 0))[1] - row.amount_pico)
                 store.apply_counter_deltas(Tx.of(conn), deltas, now)
             if expired:
@@ -565,11 +756,173 @@ class DatabaseBudgetGuard:
             if len(expired) < SWEEP_BATCH:
                 return total
 
+    def prune_counters(self, *, now: datetime | None = None) -> int:
+        """Delete the counters nothing reads any more (see the module docstring); how many."""
+        now = now or self._clock()
+        with self._breaker.connection() as conn:
+            pruned = store.prune_counters(
+                conn,
+                {scope: window_start(scope, (now - self._ttl).date()) for scope in BudgetScope},
+                task_idle_before=now - TASK_COUNTER_IDLE,
+            )
+        if pruned:
+            logger.info("Pruned %d budget counters of closed windows", pruned)
+        return pruned
+
     def _sweep_if_due(self, now: datetime) -> None:
         if time.monotonic() < self._next_sweep or not self._sweep_lock.acquire(blocking=False):
             return
         try:
             self._next_sweep = time.monotonic() + SWEEP_INTERVAL_SECONDS
             self.sweep_expired(now=now)
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
+                self.prune_counters(now=now)
         finally:
             self._sweep_lock.release()
+
+
+# -- settling ---------------------------------------------------------------------------------
+
+
+def settle_on(
+    tx: Tx, reservation: Reservation, now: datetime, spent_pico: int = 0
+) -> tuple[bool, dict[CounterKey, CounterState], list[CounterKey]]:
+    """Release ``reservation`` in ``tx``: (released, the counters after, the soft limits crossed).
+
+    The spend itself is booked by the ledger: inserting the usage row adds its cost to the
+    counters that exist (the trigger of revision 0005), in the same transaction - except a
+    gateway key's counter (the ledger does not record keys): the call's ``spent_pico`` is booked
+    on it here, once, released or not. Releasing is idempotent: only the transaction that
+    deletes the reservation row gives its amount back.
+    """
+    released = store.delete_reservation(tx, reservation.id)
+    deltas: dict[CounterKey, tuple[int, int]] = {}
+    if released:
+        keys = counter_keys(reservation.task_id, reservation.user_id, reservation.window_day)
+        deltas = dict.fromkeys(keys, (0, -reservation.amount_pico))
+    if reservation.key_id:
+        key = CounterKey(BudgetScope.KEY, reservation.key_id, TASK_WINDOW)
+        deltas[key] = (spent_pico, -reservation.amount_pico if released else 0)
+    after = store.apply_counter_deltas(tx, deltas, now)
+    warned = [
+        key
+        for key, state in after.items()
+        if _crossed_soft_limit(reservation.limits.get(key.scope), state)
+        and store.mark_soft_warned(tx, key)
+    ]
+    for key in warned:  # notifications (issue 16): in the crossing's own transaction
+        notification_outbox.record_soft_threshold(
+            tx,
+            scope=key.scope.value,
+            subject_id=key.subject_id,
+            window_start=key.window_start,
+            limit_pico=reservation.limits[key.scope].limit_pico,
+            spent_pico=after[key].spent_pico,
+            soft_threshold=reservation.limits[key.scope].soft_threshold,
+            user_id=reservation.user_id,
+        )
+    return released, after, warned
+
+
+def replay_settlement(tx: Tx, record: UsageRecord, settlement: Mapping[str, Any]) -> None:
+    """Settle a spooled row's reservation in the replay's transaction (``UsageWriter``)."""
+    reservation = Reservation.from_json(settlement)
+    _released, after, warned = settle_on(tx, reservation, utcnow(), record.cost_pico_usd)
+    for key in warned:
+        _warn_soft_limit(key, reservation.limits[key.scope], after[key])
+
+
+def _crossed_soft_limit(limit: Limit | None, state: CounterState) -> bool:
+    if limit is None or limit.limit_pico is None or state.soft_warned:
+        return False
+    return state.spent_pico >= limit.soft_threshold * limit.limit_pico
+
+
+def _warn_soft_limit(key: CounterKey, limit: Limit, state: CounterState) -> None:
+    LLM_BUDGET_SOFT_LIMIT.labels(key.scope.value).inc()
+    logger.warning(
+        "Budget %s%s reached %s%% of its limit: spent $%s of $%s (window from %s).",
+        key.scope.value,
+        f" of {key.subject_id}" if key.subject_id else "",
+        format((limit.soft_threshold * 100).normalize(), "f"),
+        format(pico_to_usd(state.spent_pico), "f"),
+        format(pico_to_usd(limit.limit_pico), "f"),
+        key.window_start.isoformat(),
+    )
+
+
+# -- the batch's bookkeeping ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A call waiting on the tracking thread for its reservation."""
+
+    context: CallContext
+    model: str
+    request: Mapping[str, Any]
+    now: datetime
+
+
+_DONE = object()  # no reservation needed after all (nothing limits the call)
+_ALONE = object()  # the call reserves alone (its counters are missing)
+
+
+@dataclass(slots=True)
+class _Plan:
+    index: int
+    call: _Pending
+    keys: list[CounterKey]
+    limits: Mapping[BudgetScope, Limit] | None
+    amount: int = 0
+    taken: list[CounterKey] = dataclasses.field(default_factory=list)
+    outcome: object | None = None  # None: held; _DONE, _ALONE or the BudgetExceededError
+    row_id: str = ""
+
+
+class _KnownLimited:
+    """Which subjects this process last saw limited: what an outage must not let through."""
+
+    def __init__(self, default_limit: bool) -> None:
+        self._default_limit = default_limit
+        self._global = False
+        self._subjects: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, context: CallContext, limits: Mapping[BudgetScope, Limit]) -> None:
+        scopes_of: dict[tuple[str, str], bool] = {}
+        for scope, limit in limits.items():
+            if scope is BudgetScope.GLOBAL_DAILY:
+                self._global = limit.limit_pico is not None
+                continue
+            subject = _subject(scope, context)
+            if subject is not None:
+                scopes_of[subject] = scopes_of.get(subject, False) or limit.limit_pico is not None
+        with self._lock:
+            for subject, limited in scopes_of.items():
+                if limited:
+                    self._subjects[subject] = None
+                    self._subjects.move_to_end(subject)
+                else:
+                    self._subjects.pop(subject, None)
+            while len(self._subjects) > KNOWN_LIMITED_MAX:
+                self._subjects.popitem(last=False)
+
+    def may_be_limited(self, context: CallContext) -> bool:
+        if self._default_limit or self._global:
+            return True
+        with self._lock:
+            return any(
+                (kind, subject) in self._subjects
+                for kind, subject in (("task", context.task_id), ("user", context.user_id))
+                if subject
+            )
+
+
+def _subject(scope: BudgetScope, context: CallContext) -> tuple[str, str] | None:
+    """The remembered subject a scope's limit belongs to (scopes other than task and user
+    ones are remembered by their scope name and the call's user, conservatively)."""
+    if scope is BudgetScope.TASK:
+        return ("task", context.task_id) if context.task_id else None
+    return ("user", context.user_id) if context.user_id else None

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.budgets import store
 from app.budgets.guard import (
+    LIFETIME_SCOPES,
     Limit,
     effective_limit,
     utcnow,
@@ -67,7 +68,7 @@ def scope_status(
     override = store.read_overrides(conn, [(scope, subject_id)]).get(scope)
     # Where no limit has applied yet there is no counter: the ledger says what was spent.
     state = store.read_counter(conn, key) or store.CounterState(store.ledger_spend(conn, key))
-    is_task = scope is BudgetScope.TASK
+    is_task = scope in LIFETIME_SCOPES  # one window: the task's or the key's life
     return ScopeStatus(
         scope=scope,
         subject_id=subject_id or None,
@@ -126,3 +127,37 @@ def list_overrides(
     session: Session, scope: BudgetScope | None, *, limit: int, offset: int
 ) -> Sequence[OverrideRow]:
     return store.list_overrides(session.connection(), scope, limit=limit, offset=offset)
+
+
+# -- a gateway key's own budget (scope ``key``, over the key's whole life) --------------------
+
+
+def set_key_budget(
+    session: Session,
+    settings: Settings,
+    key_id: str,
+    budget_usd: Decimal | None,
+    *,
+    updated_by: str | None,
+) -> None:
+    """Give a key a budget of its own (None: remove it, the key is limited only by its user's
+    and the global budgets)."""
+    if budget_usd is None:
+        announce_after_commit(session)
+        store.delete_override(session.connection(), BudgetScope.KEY, key_id)
+        return
+    set_override(
+        session,
+        settings,
+        BudgetScope.KEY,
+        key_id,
+        limit_usd=budget_usd,
+        soft_threshold=None,
+        updated_by=updated_by,
+    )
+
+
+def key_budget(session: Session, settings: Settings, key_id: str) -> ScopeStatus | None:
+    """A key's own budget and its spend, or None when it has none."""
+    status = scope_status(session, settings, BudgetScope.KEY, key_id)
+    return status if status.limit.limit_pico is not None else None

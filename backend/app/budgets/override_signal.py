@@ -8,6 +8,12 @@ read, for at most ``LIMITS_REUSE_SECONDS`` (so a change made without the signal,
 or by a process that died between its commit and the append, still applies within that time).
 One ``stat`` instead of one query a call. On PostgreSQL there is no signal: limits are read
 every time (in the reservation's own transaction).
+
+The file does not grow for ever: the change that takes it to ``MAX_SIGNAL_BYTES`` replaces it
+with a new one-byte file (``os.replace``, atomic), whose inode differs from the one it
+replaces: that too changes the version, so readers see every change as before. An append made
+by a process that opened the old file just before the replacement lands in the replaced file,
+but the replacement itself came after that process's commit, so the change is seen.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +39,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 LIMITS_REUSE_SECONDS = 2.0
 MAX_CACHED = 4096
+MAX_SIGNAL_BYTES = 4096
 
 
 class OverrideSignal:
@@ -67,10 +75,19 @@ class OverrideSignal:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, b".")
+                size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
+            if size >= MAX_SIGNAL_BYTES:
+                self._start_afresh()
         except OSError as exc:  # the reuse limit still bounds how long a stale limit lives
             logger.warning("Could not signal a budget override change: %s", exc)
+
+    def _start_afresh(self) -> None:
+        assert self.path is not None
+        fresh = self.path.with_name(f"{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        fresh.write_bytes(b".")
+        os.replace(fresh, self.path)
 
     def announce_after_commit(self, session: Session) -> None:
         """Announce once ``session``'s transaction commits (not before: a process that re-read

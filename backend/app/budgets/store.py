@@ -153,6 +153,7 @@ _MARK_SOFT_WARNED = Statement(
 )
 _RESERVATION_COLUMNS = (
     "id", "amount_pico_usd", "task_id", "user_id", "window_day", "created_at", "expires_at",
+    "key_id",
 )  # fmt: skip
 _INSERT_RESERVATION = Statement(insert(_reservation), column_keys=_RESERVATION_COLUMNS)
 _DELETE_RESERVATION = Statement(delete(_reservation).where(_reservation.c.id == bindparam("r_id")))
@@ -178,6 +179,7 @@ _OVERRIDE_LIMITS = Statement(
             _override_pair(BudgetScope.USER_DAILY, bindparam("s_user")),
             _override_pair(BudgetScope.USER_MONTHLY, bindparam("s_user")),
             _override_pair(BudgetScope.GLOBAL_DAILY, literal("")),
+            _override_pair(BudgetScope.KEY, bindparam("s_key", value="")),  # a key's own budget
         )
     )
 )
@@ -187,6 +189,10 @@ def _ledger_spend(scope: BudgetScope) -> Select[Any]:
     """What the usage rollups say a scope's subject spent in the window starting ``k_window``
     (ending before ``k_window_end``): the same ledger the usage API reads."""
     subject, window = bindparam("k_subject", type_=String), bindparam("k_window", type_=Date)
+    if scope is BudgetScope.KEY:
+        # The ledger does not record keys: a key's counter starts at 0 when its first limited
+        # call makes it (a key's budget counts its spend from then on; set it when issuing).
+        return select(literal(0, BigInteger))
     if scope is BudgetScope.GLOBAL_DAILY:
         return select(func.coalesce(func.sum(_overall.c.cost_pico_usd), 0)).where(
             _overall.c.day == window
@@ -375,6 +381,7 @@ class ReservationRow:
     task_id: str | None
     user_id: str | None
     window_day: date
+    key_id: str | None = None  # the gateway key whose ``key`` counter it also holds
 
 
 def insert_reservation(
@@ -390,6 +397,7 @@ def insert_reservation(
             "window_day": row.window_day,
             "created_at": created_at,
             "expires_at": expires_at,
+            "key_id": row.key_id,
         },
     )
 
@@ -423,9 +431,28 @@ def delete_expired_reservations(
             _reservation.c.task_id,
             _reservation.c.user_id,
             _reservation.c.window_day,
+            _reservation.c.key_id,
         )
     )
-    return [ReservationRow(r[0], int(r[1]), r[2], r[3], r[4]) for r in conn.execute(stmt)]
+    return [ReservationRow(r[0], int(r[1]), r[2], r[3], r[4], r[5]) for r in conn.execute(stmt)]
+
+
+def prune_counters(
+    conn: Connection, open_windows_from: Mapping[BudgetScope, date], *, task_idle_before: datetime
+) -> int:
+    """Delete the counters of closed windows: those of each scope starting before
+    ``open_windows_from[scope]``, and the task counters (one window, the task's life) not
+    updated since ``task_idle_before`` whose task holds no open reservation. How many."""
+    closed = [
+        and_(_c.scope == scope.value, _c.window_start < start)
+        for scope, start in open_windows_from.items()
+        if scope is not BudgetScope.TASK
+    ]
+    held = select(_reservation.c.id).where(_reservation.c.task_id == _c.subject_id).exists()
+    idle_task = and_(
+        _c.scope == BudgetScope.TASK.value, _c.updated_at < task_idle_before, ~held
+    )
+    return int(conn.execute(delete(_counter).where(or_(*closed, idle_task))).rowcount)
 
 
 def count_open_reservations(conn: Connection) -> int:
@@ -447,11 +474,12 @@ def _override_row(row: Any) -> OverrideRow:
 
 
 def read_override_limits(
-    tx: Tx, task_id: str | None, user_id: str | None
+    tx: Tx, task_id: str | None, user_id: str | None, key_id: str | None = None
 ) -> dict[tuple[BudgetScope, str], OverrideLimit]:
-    """The overrides that may apply to a call of this task and user, by (scope, subject)."""
+    """The overrides that may apply to a call of this task, user and key, by (scope, subject)."""
     rows = tx.execute(
-        _OVERRIDE_LIMITS, {"s_task": task_id or "", "s_user": user_id or ""}
+        _OVERRIDE_LIMITS,
+        {"s_task": task_id or "", "s_user": user_id or "", "s_key": key_id or ""},
     ).fetchall()
     found: dict[tuple[BudgetScope, str], OverrideLimit] = {}
     for scope, subject, limit_pico, threshold in rows:

@@ -3,6 +3,10 @@
     asa keys create --user alice [--admin] [--name "alice's laptop"]   # prints the key once
     asa keys list [--json]
     asa keys revoke KEY_ID
+    asa worker [--metrics-port PORT]   # runs queued tasks and the background jobs, no HTTP
+    asa prices recompute [--since T] [--until T] [--model M] [--provider P] [--dry-run]
+    asa notifications channels|subscriptions|dead-letters ...   # as /api/v1/notifications
+    asa usage forecast|anomalies|recommendations [--user U | --everyone] [--json]
 
 Each command group is a module of this package with ``register(groups)`` (adds its
 sub-parser, setting ``handler``) and the handler ``(args, settings) -> exit status``. The
@@ -16,12 +20,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from app.cli import keys
+from app.cli import keys, notifications, prices, usage, worker
 from app.core.config import Settings, get_settings
 from app.core.migrations import upgrade_to_head
 
 # One entry per command group, in the order ``asa --help`` lists them.
-GROUPS = (keys,)
+GROUPS = (keys, worker, prices, notifications, usage)
 
 
 def _parser() -> argparse.ArgumentParser:

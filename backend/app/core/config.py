@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     price_overrides: Annotated[dict[str, dict[str, Decimal]], NoDecode] = Field(
         default_factory=dict
     )
+    prices_file: Path | None = Field(
+        default=None,
+        description="A local price file in genai-prices' data format (its data.json), read at "
+        "start: it overrides and extends the bundled prices. Nothing is downloaded.",
+    )
 
     # Agent tasks
     max_concurrent_tasks: int = Field(default=2, ge=1, le=64)
@@ -206,6 +211,13 @@ class Settings(BaseSettings):
         return self
 
     # Telemetry
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        description="prometheus_client's multiprocess mode: with several processes in one "
+        "server (uvicorn --workers N, gunicorn) each keeps its metrics in files here and "
+        "/metrics serves the server's sum. Must be in the environment when the server starts "
+        "and emptied before each start (docs/DEPLOYMENT.md).",
+    )
     enable_opentelemetry: bool = False
     otel_exporter_otlp_endpoint: str = "http://localhost:4317"
     otel_service_name: str = "asa-backend"
@@ -225,6 +237,33 @@ class Settings(BaseSettings):
         "(gen_ai.system), for backends that still read them.",
     )
 
+    # The OpenAI-compatible gateway at /v1 (app/gateway, docs/GATEWAY.md).
+    gateway_routes: str | None = Field(
+        default=None,
+        description="The gateway's routing table as JSON (upstreams with their base URL and "
+        "key, models, aliases, fallbacks); unset: every model goes to OPENAI_BASE_URL or the "
+        "simulator.",
+    )
+    gateway_routes_file: Path | None = Field(
+        default=None, description="The routing table in a JSON file (instead of GATEWAY_ROUTES)."
+    )
+    gateway_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Per upstream attempt, unless its route says otherwise."
+    )
+    gateway_max_agent_labels: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        description="Distinct X-ASA-Agent values a process records; later new ones are 'other'.",
+    )
+
+    @property
+    def gateway_routes_json(self) -> str | None:
+        """The routing table's JSON text (the file wins over the variable)."""
+        if self.gateway_routes_file is not None:
+            return self.gateway_routes_file.read_text(encoding="utf-8")
+        return self.gateway_routes
+
     # Access control (app/api/auth.py, app/api/guards.py). Keys: `asa keys create --user NAME`.
     bind_host: str = Field(
         default="127.0.0.1",
@@ -233,7 +272,10 @@ class Settings(BaseSettings):
     )
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024**3)
     task_submit_rate_per_minute: float = Field(
-        default=30.0, ge=0, description="Task submissions per API key, per process; 0: no limit."
+        default=30.0,
+        ge=0,
+        description="Task submissions per API key; 0: no limit. Shared by every process on "
+        "PostgreSQL (rate_limit_buckets), per process on SQLite.",
     )
     task_submit_burst: int = Field(default=10, ge=1, le=10_000)
     metrics_token: SecretStr | None = Field(
@@ -285,6 +327,7 @@ class Settings(BaseSettings):
             password = None
         if password:
             values.append(str(password))
+        values.extend(_gateway_keys(self))
         return tuple(v for v in values if v)
 
     @field_validator("database_url")
@@ -377,7 +420,55 @@ class Settings(BaseSettings):
             )
         return self
 
+    # -- Spend insights (app/usage/anomalies.py, recommendations.py; docs/NOTIFICATIONS.md) --
+    insights_scan_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="How often the dispatcher looks for spend anomalies and forecasts over "
+        "a monthly budget.",
+    )
+    anomaly_baseline_hours: int = Field(
+        default=168, ge=24, le=24 * 28, description="Trailing hours an hour is compared with."
+    )
+    anomaly_min_active_hours: int = Field(
+        default=8, ge=3, le=24 * 28, description="Active hours a baseline needs to judge."
+    )
+    anomaly_threshold: float = Field(
+        default=6.0, gt=0, le=1000, description="Robust z-score (MAD units) that is anomalous."
+    )
+    anomaly_min_excess_usd: Decimal = Field(
+        default=Decimal("1"), ge=0, le=1_000_000, decimal_places=6,
+        description="An hour must also exceed the baseline median by this much.",
+    )  # fmt: skip
+    recommendation_min_tasks: int = Field(
+        default=20, ge=1, le=100_000, description="Finished tasks a model needs to be compared."
+    )
+    recommendation_cache_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="How long a recommendations answer is reused (0: never).",
+    )
+
     # -- end of notifications ---------------------------------------------------------------
+
+
+def _gateway_keys(settings: Settings) -> list[str]:
+    """The upstream keys of the gateway's routing table: secrets like OPENAI_API_KEY."""
+    import json
+
+    try:
+        text = settings.gateway_routes_json
+        table = json.loads(text) if text else {}
+        upstreams = table.get("upstreams", {}) if isinstance(table, dict) else {}
+        return [
+            str(u["api_key"])
+            for u in upstreams.values()
+            if isinstance(u, dict) and isinstance(u.get("api_key"), str) and u["api_key"]
+        ]
+    except (OSError, ValueError, AttributeError):
+        return []  # the gateway refuses the table at start-up and says why
 
 
 @lru_cache(maxsize=1)

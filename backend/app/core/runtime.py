@@ -20,10 +20,11 @@ import openai
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.budgets.guard import DatabaseBudgetGuard
+from app.budgets.guard import DatabaseBudgetGuard, replay_settlement
 from app.core.config import Settings, get_settings
 from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
 from app.core.prepared import write_gate
+from app.tracking.breaker import database_breaker, engine_timeouts
 from app.tracking.db_worker import DbWorker
 from app.tracking.pricing import PriceBook
 from app.tracking.spool import UsageSpool
@@ -87,10 +88,17 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings | None = None, *, start_background: bool = True) -> Runtime:
         settings = settings or get_settings()
+        # First: a bad PRICES_FILE stops the start with its reason, before anything is built.
+        price_book = PriceBook.configured(settings.price_overrides, settings.prices_file)
         engine = create_db_engine(
-            settings.database_url, sqlite_busy_timeout=settings.sqlite_busy_timeout_seconds
+            settings.database_url,
+            sqlite_busy_timeout=settings.sqlite_busy_timeout_seconds,
+            **engine_timeouts(settings.database_url),
         )
         writer = UsageWriter(engine, UsageSpool(settings.spool_dir))
+        # A spooled row's budget settlement is replayed with it (whether or not this process
+        # enforces budgets: another one may have taken the reservation).
+        writer.settlement_replayer = replay_settlement
         simulator: SimulatorServer | None = None
         if settings.uses_simulator and not settings.openai_base_url:
             from app.simulator.config import SimulatorConfig
@@ -137,7 +145,7 @@ class Runtime:
             engine=engine,
             session_factory=create_session_factory(engine),
             writer=writer,
-            price_book=PriceBook(settings.price_overrides),
+            price_book=price_book,
             openai_client=sync_client,
             async_openai_client=async_client,
             llm_endpoint=base_url,
@@ -198,6 +206,7 @@ class Runtime:
             self.replayer.stop()
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        database_breaker(self.engine).close()
         write_gate(self.engine).close()
         self.openai_client.close()
         self.engine.dispose()

@@ -15,6 +15,8 @@ from app.models.notifications import (
     NotificationEvent,
     NotificationSubscription,
 )
+from app.models.prices import PriceRecompute, PriceSourceRow
+from app.models.rate_limits import RateLimitBucket
 from app.models.tasks import (
     DURATION_BUCKETS_SECONDS,
     TASK_METRICS_BY_NAME_TIME,
@@ -31,6 +33,7 @@ from app.models.usage import (
     RollupSums,
     UsageRollupDaily,
     UsageRollupDailyOverall,
+    UsageRollupUserDaily,
 )
 
 __all__ = [
@@ -54,6 +57,9 @@ __all__ = [
     "NotificationDelivery",
     "NotificationEvent",
     "NotificationSubscription",
+    "PriceRecompute",
+    "PriceSourceRow",
+    "RateLimitBucket",
     "RollupSums",
     "Task",
     "TaskEvent",
@@ -61,6 +67,7 @@ __all__ = [
     "TaskMetricsDaily",
     "UsageRollupDaily",
     "UsageRollupDailyOverall",
+    "UsageRollupUserDaily",
     "new_id",
     "utcnow",
 ]

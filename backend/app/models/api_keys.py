@@ -7,20 +7,24 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, String
+from sqlalchemy import JSON, CheckConstraint, DateTime, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, new_id, utcnow
 
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 NAME_MAX_CHARS = 100
+MAX_ALLOWED_MODELS = 100  # models on one key's allow-list
+MODEL_MAX_CHARS = 200
 
 
 class ApiKey(Base):
     """One API key of one user with one role (``user`` or ``admin``).
 
     ``prefix`` is the public, random lookup part of the key (``asa_<prefix>_<secret>``);
-    ``key_hash`` is the SHA-256 hex digest of the whole key.
+    ``key_hash`` is the SHA-256 hex digest of the whole key. ``allowed_models`` is the list of
+    models the key may call through the gateway (NULL: any); a key's own budget is a ``key``
+    budget limit (``budget_limit_override``, scope ``key``, subject the key's id).
     """
 
     __tablename__ = "api_keys"
@@ -34,5 +38,6 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
 
     __table_args__ = (CheckConstraint("role IN ('user', 'admin')", name="role"),)

@@ -21,14 +21,16 @@ class BudgetScope(StrEnum):
     USER_DAILY = "user_daily"
     USER_MONTHLY = "user_monthly"
     GLOBAL_DAILY = "global_daily"
+    KEY = "key"  # a gateway API key's own budget, over the key's whole life
 
 
 class BudgetCounter(Base):
     """Spend and open reservations of one scope in one window, in picodollars.
 
-    ``scope`` is ``task``, ``user_daily``, ``user_monthly`` or ``global_daily``; ``subject_id``
-    is the task or user id ('' for the global scope); ``window_start`` is the UTC day, the first
-    day of the UTC month, or 1970-01-01 for a task (whose one window is its whole life).
+    ``scope`` is ``task``, ``user_daily``, ``user_monthly``, ``global_daily`` or ``key``;
+    ``subject_id`` is the task, user or API key id ('' for the global scope); ``window_start`` is
+    the UTC day, the first day of the UTC month, or 1970-01-01 for a task or a key (whose one
+    window is its whole life).
     """
 
     __tablename__ = "budget_counter"
@@ -51,6 +53,7 @@ class BudgetReservation(Base):
     amount_pico_usd: Mapped[int] = mapped_column(BigInteger)
     task_id: Mapped[str | None] = mapped_column(String(64))
     user_id: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(32))  # the gateway key it was taken for
     window_day: Mapped[date] = mapped_column(Date, comment="UTC day (and so month) it was taken")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -65,6 +65,12 @@ class Task(Base):
     bug_description: Mapped[str] = mapped_column(Text)
     test_command: Mapped[str] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(200))
+    # Budget-aware model choice (revision 0014): the agents switch to ``fallback_model`` when a
+    # call's worst case no longer fits in the task's budget, at ``model_switched_at``.
+    fallback_model: Mapped[str | None] = mapped_column(
+        String(200), comment="The cheaper model the agents switch to when the budget runs low"
+    )
+    model_switched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     max_cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     status: Mapped[str] = mapped_column(String(20), default="queued")

@@ -53,6 +53,13 @@ class LLMUsage(Base):
         BigInteger, default=0, comment="Exact cost in USD x 10^12 (picodollars)"
     )
     cost_status: Mapped[str] = mapped_column(String(16), default="priced")
+    # Price provenance (revision 0009): the compact reference of the price source (a row of
+    # ``price_source``), the entry that matched and what chose among its prices; the service
+    # tier the call ran in. NULL for unpriced rows and for rows older than the revision.
+    price_source: Mapped[str | None] = mapped_column(String(40))
+    price_entry: Mapped[str | None] = mapped_column(String(200))
+    price_tier: Mapped[str | None] = mapped_column(String(64))
+    service_tier: Mapped[str | None] = mapped_column(String(16))
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     status: Mapped[str] = mapped_column(String(16))
     is_stream: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -120,6 +127,8 @@ class UsageRollupDaily(RollupSums, Base):
     """Per-day aggregates, written in the same transaction as each usage row.
 
     Dimension columns use '' rather than NULL so the natural key is a plain unique constraint.
+    ``provider`` and ``operation`` are '' only for calls older than revision 0008 whose rows
+    retention had already pruned when it split the rollups by them (no source left to tell).
     """
 
     __tablename__ = "usage_rollup_daily"
@@ -130,9 +139,20 @@ class UsageRollupDaily(RollupSums, Base):
     task_id: Mapped[str] = mapped_column(String(64), default="")
     model: Mapped[str] = mapped_column(String(200))
     agent: Mapped[str] = mapped_column(String(64), default="")
+    provider: Mapped[str] = mapped_column(String(64), default="")
+    operation: Mapped[str] = mapped_column(String(16), default="")
 
     __table_args__ = (
-        UniqueConstraint("day", "user_id", "task_id", "model", "agent", name="uq_usage_rollup_key"),
+        UniqueConstraint(
+            "day",
+            "user_id",
+            "task_id",
+            "model",
+            "agent",
+            "provider",
+            "operation",
+            name="uq_usage_rollup_key",
+        ),
         Index("ix_usage_rollup_daily_user_id_day", "user_id", "day"),
         Index("ix_usage_rollup_daily_task_id_day", "task_id", "day"),
     )
@@ -153,7 +173,49 @@ class UsageRollupDailyOverall(RollupSums, Base):
     day: Mapped[date] = mapped_column(Date)
     model: Mapped[str] = mapped_column(String(200))
     agent: Mapped[str] = mapped_column(String(64), default="")
+    provider: Mapped[str] = mapped_column(String(64), default="")
+    operation: Mapped[str] = mapped_column(String(16), default="")
 
     __table_args__ = (
-        UniqueConstraint("day", "model", "agent", name="uq_usage_rollup_daily_overall_key"),
+        UniqueConstraint(
+            "day",
+            "model",
+            "agent",
+            "provider",
+            "operation",
+            name="uq_usage_rollup_daily_overall_key",
+        ),
+    )
+
+
+class UsageRollupUserDaily(RollupSums, Base):
+    """The daily rollup summed over tasks and agents: one row per (user, UTC day, model,
+    provider, operation).
+
+    A user's month is ~150 rows here against one per task and agent in ``usage_rollup_daily``,
+    and everyone's spend by user reads a row per user and day instead of one per task. Written
+    by the usage writer in the same transaction as the row and the other rollups. ``user_id``
+    is '' for calls made for no user.
+    """
+
+    __tablename__ = "usage_rollup_user_daily"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), default="")
+    day: Mapped[date] = mapped_column(Date)
+    model: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(64), default="")
+    operation: Mapped[str] = mapped_column(String(16), default="")
+
+    __table_args__ = (
+        # Starts with (user_id, day): a user's window is a range of the key itself.
+        UniqueConstraint(
+            "user_id",
+            "day",
+            "model",
+            "provider",
+            "operation",
+            name="uq_usage_rollup_user_daily_key",
+        ),
+        Index("ix_usage_rollup_user_daily_day", "day"),  # everyone's, by user
     )

@@ -32,6 +32,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.core.config import Settings
 from app.notifications import outbox, store
 from app.notifications.channels import DeliveryFailed, Sender
+from app.usage.anomalies import record_anomalies
+from app.usage.forecast import record_forecasts_over_budget
+from app.usage.insights import refresh_recommendations
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class NotificationDispatcher:
         self._thread: threading.Thread | None = None
         self._unrecorded: list[store.Outcome] = []
         self._next_unpriced_scan = 0.0
+        self._next_insights_scan = 0.0
         self.delivered = 0  # deliveries this dispatcher saw succeed (for benchmarks and tests)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class NotificationDispatcher:
             self._unrecorded = []
         settings = self.settings
         self._scan_unpriced()
+        self._scan_insights()
         store.fan_out(self.engine, self._clock(), settings.notification_batch_size)
         claimed = store.claim_deliveries(
             self.engine,
@@ -163,6 +168,18 @@ class NotificationDispatcher:
             time.monotonic() + self.settings.notification_unpriced_scan_seconds
         )
         outbox.record_unpriced_models(self.engine, self._clock().date())
+
+    def _scan_insights(self) -> None:
+        """Spend anomalies and forecasts over a monthly budget (issue 16), every
+        ``INSIGHTS_SCAN_SECONDS``; the events' ids make a repeated finding one event. And
+        everyone's recommendations, recomputed ahead of the administrators who ask."""
+        if time.monotonic() < self._next_insights_scan:
+            return
+        self._next_insights_scan = time.monotonic() + self.settings.insights_scan_seconds
+        now = self._clock()
+        record_anomalies(self.engine, self.settings, now)
+        record_forecasts_over_budget(self.engine, self.settings, now)
+        refresh_recommendations(self.engine, self.settings, now)
 
     def _run(self) -> None:
         pause = self.settings.notification_poll_interval_seconds

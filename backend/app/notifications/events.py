@@ -27,6 +27,8 @@ class EventKind(StrEnum):
     TASK_SUCCEEDED = "task.succeeded"
     TASK_FAILED = "task.failed"
     MODEL_UNPRICED = "model.unpriced"
+    SPEND_ANOMALY = "usage.anomaly"
+    FORECAST_OVER_BUDGET = "budget.forecast_over"
     TEST = "test"
 
 
@@ -139,6 +141,66 @@ def model_unpriced_event(model: str, month: date, calls: int) -> Event:
     )
 
 
+def anomaly_event(
+    *,
+    dimension: str,
+    subject: str,
+    hour_start: datetime,
+    hour_in_progress: bool,
+    spend_usd: Decimal,
+    baseline_median_usd: Decimal,
+    band_upper_usd: Decimal,
+    score: float,
+) -> Event:
+    """An hour of a user's or a model's spend out of its band, once per subject and hour
+    (``app.usage.anomalies``). A user's anomaly is that user's event; a model's is everyone's."""
+    hour = hour_start.astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
+    return Event(
+        id=event_id(EventKind.SPEND_ANOMALY.value, dimension, subject, hour),
+        kind=EventKind.SPEND_ANOMALY,
+        data={
+            "dimension": dimension,
+            "subject": subject,
+            "hour_start": hour,
+            "spend_usd": format(spend_usd, "f"),
+            "baseline_median_usd": format(baseline_median_usd, "f"),
+            "band_upper_usd": format(band_upper_usd, "f"),
+            "score": score,
+            "hour_in_progress": hour_in_progress,
+        },
+        subject_user_id=subject if dimension == "user" else None,
+    )
+
+
+def forecast_over_budget_event(
+    *,
+    user_id: str,
+    month_start: date,
+    limit_usd: Decimal,
+    projected_usd: Decimal,
+    low_usd: Decimal,
+    high_usd: Decimal,
+    spent_usd: Decimal,
+) -> Event:
+    """A user's month-end forecast above their monthly budget, once per user and month."""
+    month = month_start.strftime("%Y-%m")
+    return Event(
+        id=event_id(EventKind.FORECAST_OVER_BUDGET.value, "user_monthly", user_id, month),
+        kind=EventKind.FORECAST_OVER_BUDGET,
+        data={
+            "scope": "user_monthly",
+            "subject_id": user_id,
+            "month": month,
+            "limit_usd": format(limit_usd, "f"),
+            "projected_usd": format(projected_usd, "f"),
+            "low_usd": format(low_usd, "f"),
+            "high_usd": format(high_usd, "f"),
+            "spent_usd": format(spent_usd, "f"),
+        },
+        subject_user_id=user_id,
+    )
+
+
 def channel_test_event(channel_name: str, by: str) -> Event:
     now = datetime.now(UTC)
     return Event(
@@ -186,6 +248,21 @@ def render_text(event: Event) -> tuple[str, str]:
             text = (
                 f"{d['unpriced_calls']} call(s) to {d['model']} in {d['month']} were recorded at "
                 "cost 0: no price is known. Add it to PRICE_OVERRIDES to account for it."
+            )
+        case EventKind.SPEND_ANOMALY:
+            when = " so far" if d.get("hour_in_progress") else ""
+            subject = f"Spend anomaly: {d['dimension']} {d['subject']} at {d['hour_start']}"
+            text = (
+                f"The {d['dimension']} {d['subject']} spent ${d['spend_usd']} in the hour from "
+                f"{d['hour_start']}{when}; its usual active hour costs ${d['baseline_median_usd']} "
+                f"and the band ends at ${d['band_upper_usd']} (score {d['score']})."
+            )
+        case EventKind.FORECAST_OVER_BUDGET:
+            subject = f"Forecast over budget: {d['subject_id']} in {d['month']}"
+            text = (
+                f"{d['subject_id']} is projected to spend ${d['projected_usd']} in {d['month']} "
+                f"(range ${d['low_usd']} to ${d['high_usd']}), over the monthly budget of "
+                f"${d['limit_usd']}; spent so far ${d['spent_usd']}."
             )
         case EventKind.TEST:
             subject = "ASA test notification"

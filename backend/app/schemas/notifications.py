@@ -24,6 +24,8 @@ EventKindName = Literal[
     "task.succeeded",
     "task.failed",
     "model.unpriced",
+    "usage.anomaly",
+    "budget.forecast_over",
 ]
 MAX_URL_CHARS = 2000
 _EMAIL = re.compile(r"^[^@\s<>\",;]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")

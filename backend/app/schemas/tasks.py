@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.schemas.text import StorableText
 
@@ -38,6 +38,18 @@ class TaskSubmitRequest(BaseModel):
     )
     max_attempts: int = Field(default=3, ge=1, le=10)
     ref: StorableText | None = Field(default=None, min_length=1, max_length=255)
+    fallback_model: StorableText | None = Field(
+        default=None,
+        pattern=MODEL_PATTERN,
+        description="Opt-in: a cheaper model the agents switch to (for the rest of the task) "
+        "when a call's worst case would exceed what the task's budget has left.",
+    )
+
+    @model_validator(mode="after")
+    def _fallback_is_another_model(self) -> TaskSubmitRequest:
+        if self.fallback_model is not None and self.fallback_model == self.model:
+            raise ValueError("fallback_model must differ from model")
+        return self
 
     @field_validator("bug_description", "test_command")
     @classmethod
@@ -95,6 +107,29 @@ class TaskView(BaseModel):
     finished_at: datetime | None
     status_url: str
     result: TaskResult | None = Field(description="Present once the task has finished")
+    projected_cost_usd: Decimal | None = Field(
+        default=None,
+        description="A queued or running task's expected final cost (never above its cap); "
+        "null once finished (cost_usd is final) or while nothing is known yet.",
+    )
+    projected_cost_low_usd: Decimal | None = Field(default=None)
+    projected_cost_high_usd: Decimal | None = Field(default=None)
+    projected_cost_basis: Literal["similar_tasks", "progress"] | None = Field(
+        default=None,
+        description="similar_tasks: the median of finished tasks like it (same repository and "
+        "model) that cost at least as much as it has spent; progress: its attempts' average "
+        "cost for every attempt it may still make.",
+    )
+    projected_cost_samples: int | None = Field(
+        default=None, description="How many similar tasks the projection is made of."
+    )
+    fallback_model: str | None = Field(
+        default=None, description="The cheaper model asked for when the budget runs low."
+    )
+    model_switched_at: datetime | None = Field(
+        default=None,
+        description="When the agents switched to fallback_model (null: they did not).",
+    )
 
 
 class TaskPage(BaseModel):

@@ -74,10 +74,34 @@ class AgentUsage(UsageTotals):
     agent: str | None = Field(description="The agent that made the calls; null when unset.")
 
 
+class ProviderUsage(UsageTotals):
+    provider: str | None = Field(
+        description=(
+            "The provider that served the calls (gen_ai.provider.name, e.g. 'openai'); null for "
+            "calls whose provider the ledger no longer knows (pruned before it was recorded in "
+            "the rollups)."
+        )
+    )
+
+
+class OperationUsage(UsageTotals):
+    operation: str | None = Field(
+        description=(
+            "The OpenAI API called: 'chat', 'responses' or 'embeddings'; null as for provider."
+        )
+    )
+
+
 class UsageBreakdowns(BaseModel):
     totals: UsageTotals
     by_model: list[ModelUsage] = Field(description="Most expensive first, then by name.")
     by_day: list[DayUsage] = Field(description="Days with calls only, oldest first.")
+    by_provider: list[ProviderUsage] = Field(
+        default_factory=list, description="Most expensive first, then by name."
+    )
+    by_operation: list[OperationUsage] = Field(
+        default_factory=list, description="Most expensive first, then by name."
+    )
 
 
 class TaskUsageResponse(UsageBreakdowns):

@@ -8,17 +8,18 @@ and sets ``finish_reason="length"``; on reasoning models the reasoning tokens co
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.simulator.config import FaultName, ScriptedReply, SimulatorConfig, UsageOverride
+from app.simulator.sampling import check_tool_choice, forced_call, text_pieces, token_logprobs
 from app.simulator.state import SimulatorState
 from app.simulator.structured import cut_at_stop, fingerprint, instance_of, schema_of
 from app.simulator.tokens import (
@@ -33,6 +34,14 @@ from app.simulator.tokens import (
 )
 
 SYSTEM_FINGERPRINT = "fp_asa_simulator"
+SERVICE_TIERS = ("default", "flex", "priority", "scale")
+
+
+def served_tier(asked: str | None) -> str:
+    """The ``service_tier`` of an answer: the one asked for, ``default`` for ``auto``/none."""
+    return asked if asked in SERVICE_TIERS else "default"
+
+
 ABSURD_TOKENS = 10**12
 
 
@@ -58,6 +67,22 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    service_tier: str | None = None
+    tool_choice: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _sampling_options(self) -> ChatCompletionRequest:
+        check_tool_choice(self.tool_choice, self.tools)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @property
+    def served_tier(self) -> str:
+        """The tier OpenAI reports it served the request in (``auto`` runs as ``default``)."""
+        return served_tier(self.service_tier)
 
     def _texts(self, *roles: str) -> list[str]:
         return [message_text(m) for m in self.messages if m.get("role") in roles]
@@ -86,6 +111,12 @@ class Choice:
     content: str | None
     tool_calls: list[dict[str, Any]]
     finish_reason: str
+    logprobs: list[dict[str, Any]] | None = None  # one entry per piece of ``content``
+
+    def logprobs_body(self, start: int = 0, stop: int | None = None) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        return {"content": self.logprobs[start:stop], "refusal": None}
 
 
 @dataclass(frozen=True)
@@ -99,6 +130,7 @@ class Completion:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     system_fingerprint: str = SYSTEM_FINGERPRINT
+    service_tier: str = "default"
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -106,7 +138,7 @@ class Completion:
             "object": kind,
             "created": self.created,
             "model": self.model,
-            "service_tier": "default",
+            "service_tier": self.service_tier,
             "system_fingerprint": self.system_fingerprint,
         }
 
@@ -126,7 +158,7 @@ class Completion:
                 {
                     "index": index,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": choice.logprobs_body(),
                     "finish_reason": choice.finish_reason,
                 }
             )
@@ -171,9 +203,10 @@ def _choice_deltas(index: int, choice: Choice) -> list[dict[str, Any]]:
     if choice.content is None:
         first["content"] = None
     deltas = [delta(first)]
-    deltas += [
-        delta({"content": piece}) for piece in re.findall(r"\s*\S+|\s+", choice.content or "")
-    ]
+    for position, piece in enumerate(text_pieces(choice.content or "")):
+        deltas.append(
+            {**delta({"content": piece}), "logprobs": choice.logprobs_body(position, position + 1)}
+        )
     for position, call in enumerate(choice.tool_calls):
         head = {**call, "index": position, "function": {**call["function"], "arguments": ""}}
         deltas.append(delta({"tool_calls": [head]}))
@@ -198,6 +231,8 @@ def _scripted_choice(
         }
         for call in (reply.tool_calls if reply else [])
     ]
+    if request.tool_choice == "none":
+        tool_calls = []
     if reply is not None and (reply.content is not None or tool_calls):
         content = reply.content
     elif request.wants_json:
@@ -209,6 +244,11 @@ def _scripted_choice(
     else:
         content = config.default_reply
     finish = (reply.finish_reason if reply else None) or ("tool_calls" if tool_calls else "stop")
+    if not tool_calls:
+        forced = forced_call(request.tool_choice, request.tools, config.default_reply)
+        if forced is not None:
+            call, forced_finish = forced
+            return Choice(content=None, tool_calls=[call], finish_reason=forced_finish)
     return Choice(content=content, tool_calls=tool_calls, finish_reason=finish)
 
 
@@ -237,6 +277,11 @@ def plan_completion(
         content = (template.content or "")[: (limit - reasoning) * CHARS_PER_TOKEN]
         visible = text_tokens(content)
         template = Choice(content=content, tool_calls=[], finish_reason="length")
+    if request.logprobs and template.content is not None:
+        top = request.top_logprobs or 0
+        template = dataclasses.replace(
+            template, logprobs=token_logprobs(text_pieces(template.content), top)
+        )
     choices = [template]
     for _ in range(request.n - 1):  # every choice gets its own tool-call ids, as at OpenAI
         choices.append(
@@ -256,6 +301,7 @@ def plan_completion(
         usage=usage,
         reported_usage=_reported_usage(usage, fault),
         system_fingerprint=fingerprint(request.seed),
+        service_tier=request.served_tier,
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.simulator.completion import ChatCompletionRequest, Completion
+from app.simulator.completion import ChatCompletionRequest, Completion, served_tier
 from app.simulator.tokens import message_text
 
 
@@ -203,7 +203,7 @@ class PlannedResponse:
             "parallel_tool_calls": True,
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
-            "service_tier": "default",
+            "service_tier": served_tier(request.service_tier),
             "store": True,
             "temperature": 1.0 if request.temperature is None else request.temperature,
             "text": {"format": fmt},

@@ -32,6 +32,7 @@ from sqlalchemy import ColumnElement, CursorResult, Update, update
 from sqlalchemy.orm import Session
 
 from app.access.principal import LOCAL_USER
+from app.agents.base import ModelChoice
 from app.agents.code_agent import CodeAgent, existing_tests
 from app.agents.fix_agent import FixAgent, FixRequest
 from app.agents.regression_writer import RegressionTestWriter
@@ -108,7 +109,7 @@ class RunState:
 class _AgentArgs(TypedDict):
     task_id: str
     user_id: str
-    model: str
+    model: ModelChoice
 
 
 class _Abort:
@@ -147,6 +148,7 @@ class Orchestrator:
         self._abort = _Abort(self.stop, self.cancelled)
         self._isolation = isolation
         self._tracer = tracer or trace.get_tracer("app.tasks.orchestrator")
+        self._choice: ModelChoice | None = None
         # The last test run's whole output: FixAgent localizes from every frame, not the tail.
         self._last_output = ""
         s = self.settings
@@ -157,9 +159,24 @@ class Orchestrator:
             max_processes=s.task_max_processes,
         )
 
-    @staticmethod
-    def _agent_args(task: Task) -> _AgentArgs:
-        return {"task_id": task.id, "user_id": task.user_id, "model": task.model}
+    def _agent_args(self, task: Task) -> _AgentArgs:
+        return {"task_id": task.id, "user_id": task.user_id, "model": self._model_choice(task)}
+
+    def _model_choice(self, task: Task) -> ModelChoice:
+        """The task's model, shared by its agents (one switch to the fallback for all)."""
+        if self._choice is None:
+            self._choice = ModelChoice(task.model, task.fallback_model, self._model_switched)
+        return self._choice
+
+    def _model_switched(self, model: str, fallback: str, reason: str) -> None:
+        """Budget-aware model choice (issue 16): recorded in the task's row and events."""
+        with self.runtime.session_factory() as session, session.begin():
+            session.execute(
+                update(Task).where(*self._owned()).values(model_switched_at=task_store.now())
+            )
+            task_store.add_event(
+                session, self.task_id, "model_switch", f"{model} -> {fallback}: {reason}"
+            )
 
     # -- state helpers ----------------------------------------------------------------------
 
@@ -375,7 +392,7 @@ class Orchestrator:
         self._step("generating_test", "the tests pass: TestGenerator writes a regression test")
         self._ensure_budget(task)
         generator = RegressionTestWriter(
-            self.runtime, task_id=task.id, user_id=task.user_id, model=task.model
+            self.runtime, task_id=task.id, user_id=task.user_id, model=self._model_choice(task)
         )
         coder = CodeAgent(self.runtime, tracer=self._tracer, **self._agent_args(task))
         reply, _path = generator.write_test(

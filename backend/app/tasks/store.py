@@ -89,6 +89,7 @@ def create_task(
         bug_description=request.bug_description,
         test_command=request.test_command,
         model=model,
+        fallback_model=request.fallback_model,
         # The cap shown with the task: set when the request named one (lowered as above).
         max_cost_pico_usd=None if request.max_cost_usd is None or cap is None else usd_to_pico(cap),
         max_attempts=request.max_attempts,

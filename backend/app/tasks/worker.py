@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from app.core.runtime import Runtime
 from app.models import Task
-from app.observability import ACTIVE_TASKS
+from app.observability import ACTIVE_TASKS, set_queued_tasks
 from app.sandbox.bwrap import INSTALL_HINT
 from app.sandbox.reap import reap_leftovers
 from app.sandbox.runner import detect_isolation
@@ -189,4 +189,4 @@ class TaskWorker:
             queued = session.scalar(
                 select(func.count()).select_from(Task).where(Task.status == "queued")
             )
-        ACTIVE_TASKS.labels("queued").set(queued or 0)
+        set_queued_tasks(queued or 0)

@@ -12,6 +12,15 @@ PostgreSQL can only resolve as a deadlock.
 
 A failed batch is written again row by row through ``UsageWriter.write``, which spools what the
 database refuses, so batching never costs a row; each row still commits with its settlement.
+While the database breaker is open the rows go to the spool without a database wait.
+
+Calls can be batched too (``batched``): the budget guard's reservations queued together are
+taken in one transaction. The thread runs the queued calls once in a collecting pass, where a
+function that calls ``batched(runner, item)`` stops there (``_Join``, a ``BaseException`` so that
+no ``except Exception`` of the caller's can mistake it for a failure of its own); ``runner``
+then does the items of all of them at once (one transaction), and each function runs again,
+now getting its item's result from ``batched``. A function must therefore do nothing before its
+``batched`` call that it cannot do twice; the guard's ``reserve`` calls it first.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,12 +41,42 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256
+# Does the items of several calls at once; one result per item, in order (None: do that item
+# alone, the way the call would without a batch).
+BatchRunner = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class _Join(BaseException):  # a signal, not an error: no ``except Exception`` may catch it
+    """Raised by ``batched`` in the collecting pass: this call joins the batch of ``runner``."""
+
+    def __init__(self, runner: BatchRunner, item: Any) -> None:
+        super().__init__()
+        self.runner = runner
+        self.item = item
+
+
+class _Pass(threading.local):
+    collecting = False
+    result: Any = None
+
+
+_pass = _Pass()
+
+
+def batched(runner: BatchRunner, item: Any) -> Any:
+    """Inside a call run by a ``DbWorker`` together with others: the result ``runner`` gave
+    for ``item`` (None if it had none, or outside a batch: then do the work alone)."""
+    if _pass.collecting:
+        raise _Join(runner, item)
+    result, _pass.result = _pass.result, None
+    return result
 
 
 @dataclass(slots=True)
 class _Write:
     record: UsageRecord
     also: Callable[[Tx], None] | None
+    settlement: Mapping[str, Any] | None = None
     future: Future[WriteOutcome] = field(default_factory=Future)
 
 
@@ -60,9 +99,15 @@ class DbWorker:
         self._lock = threading.Lock()
         self._closed = False
 
-    def write(self, record: UsageRecord, also: Callable[[Tx], None] | None) -> Future[WriteOutcome]:
-        """Persist (or spool) ``record`` with ``also`` in its transaction; never fails."""
-        job = _Write(record, also)
+    def write(
+        self,
+        record: UsageRecord,
+        also: Callable[[Tx], None] | None,
+        settlement: Mapping[str, Any] | None = None,
+    ) -> Future[WriteOutcome]:
+        """Persist (or spool, with ``settlement``) ``record`` with ``also`` in its transaction;
+        never fails."""
+        job = _Write(record, also, settlement)
         self._submit(job)
         return job.future
 
@@ -122,17 +167,42 @@ class DbWorker:
         writes = [job for job in jobs if isinstance(job, _Write)]
         if writes:
             self._write_batch(writes)
-        for job in jobs:
-            if isinstance(job, _Call):
+        calls = [job for job in jobs if isinstance(job, _Call)]
+        if len(calls) == 1:
+            _finish(calls[0])
+        elif calls:
+            self._call_batch(calls)
+
+    def _call_batch(self, calls: list[_Call]) -> None:
+        """Collect the calls that join a batch, run each batch's runner once, finish them all."""
+        joined: dict[BatchRunner, list[tuple[_Call, Any]]] = {}
+        for job in calls:
+            _pass.collecting = True
+            try:
+                job.future.set_result(job.fn())
+            except _Join as join:
+                joined.setdefault(join.runner, []).append((job, join.item))
+            except BaseException as exc:
+                job.future.set_exception(exc)
+            finally:
+                _pass.collecting = False
+        for runner, members in joined.items():
+            try:
+                results = list(runner([item for _, item in members]))
+            except Exception:
+                logger.exception("A batch of %d calls failed; running them alone", len(members))
+                results = [None] * len(members)
+            for (job, _), result in zip(members, results, strict=True):
+                _pass.result = result
                 try:
-                    job.future.set_result(job.fn())
-                except BaseException as exc:
-                    job.future.set_exception(exc)
+                    _finish(job)
+                finally:
+                    _pass.result = None
 
     def _write_batch(self, writes: list[_Write]) -> None:
-        if len(writes) > 1:
+        if len(writes) > 1 and not self._writer.breaker.is_open:
             try:
-                with self._writer.gate.transaction() as tx:
+                with self._writer.breaker.transaction(self._writer.gate) as tx:
                     for job in writes:
                         insert_usage(tx, job.record)
                         if job.also is not None:
@@ -147,6 +217,14 @@ class DbWorker:
                 return
         for job in writes:
             try:
-                job.future.set_result(self._writer.write(job.record, also=job.also))
+                outcome = self._writer.write(job.record, also=job.also, settlement=job.settlement)
+                job.future.set_result(outcome)
             except BaseException as exc:
                 job.future.set_exception(exc)
+
+
+def _finish(job: _Call) -> None:
+    try:
+        job.future.set_result(job.fn())
+    except BaseException as exc:
+        job.future.set_exception(exc)

@@ -54,8 +54,13 @@ from app.tracking.namespaces import (
 from app.tracking.operations import CHAT, EMBEDDINGS, Operation
 from app.tracking.record import UsageRecord
 from app.tracking.streams import (
+    AsyncTrackedResponseStream,
+    AsyncTrackedResponseStreamManager,
     AsyncTrackedStream,
+    ResponsesStreamState,
     StreamState,
+    TrackedResponseStream,
+    TrackedResponseStreamManager,
     TrackedStream,
 )
 from app.tracking.tracker import CallContext, CallTracker, complete_shielded, default_tracer
@@ -191,7 +196,11 @@ class _BaseLLMClient:
             self._endpoint = (id(client), str(base) if base is not None else None)
         return self._endpoint[1]
 
-    def _prepare(self, operation: Operation, kwargs: dict[str, Any]) -> _Prepared:
+    def _prepare(
+        self, operation: Operation, kwargs: dict[str, Any], *, streamed: bool = False
+    ) -> _Prepared:
+        """The call's tracker; ``streamed``: a streaming helper (``responses.stream()``) whose
+        arguments carry no ``stream=True``."""
         rt = self.runtime
         settings = rt.settings
         provider = kwargs.pop("provider", None) or self.provider or settings.llm_provider
@@ -202,7 +211,7 @@ class _BaseLLMClient:
         if not isinstance(model, str) or not model.strip():
             raise InvalidLLMRequest("model must be a non-empty string")
         kwargs["model"] = model
-        is_stream = bool(kwargs.get("stream"))
+        is_stream = streamed or bool(kwargs.get("stream"))
         if is_stream and operation is CHAT:
             # Usage arrives in a last chunk only when asked for; a caller's explicit
             # include_usage=False is respected (the row's cost is then estimated).
@@ -227,7 +236,7 @@ class _BaseLLMClient:
                 deprecated_attributes=settings.otel_genai_deprecated_attributes,
             ),
             model=model,
-            request=kwargs,
+            request={**kwargs, "stream": True} if streamed else kwargs,
             is_stream=is_stream,
             operation=operation,
             provider_setting=provider,
@@ -377,9 +386,7 @@ class LLMClient(_BaseLLMClient):
     ) -> Any:
         prepared = self._prepare(operation, kwargs)
         tracker = prepared.tracker
-        tracker.start()
-        self._reserve(prepared)
-        self._arm_settlement(prepared)
+        self._start_call(prepared)
         token = current_attempts.set(tracker.attempts)
         try:
             with _as_current(tracker):
@@ -393,6 +400,36 @@ class LLMClient(_BaseLLMClient):
             return TrackedStream(result, tracker, new_state())
         tracker.finish_success(operation.fields(result))
         return result
+
+    def _start_call(self, prepared: _Prepared) -> None:
+        """Start the call's span and reserve its budget (a refusal is recorded and raised)."""
+        prepared.tracker.start()
+        self._reserve(prepared)
+        self._arm_settlement(prepared)
+
+    def _call_stream_manager(
+        self, operation: Operation, kwargs: dict[str, Any], invoke: Callable[..., Any]
+    ) -> TrackedResponseStreamManager:
+        """A streaming helper's context manager (``responses.stream()``), tracked: the request
+        is checked now; the budget is reserved and the request made on entry."""
+        prepared = self._prepare(operation, kwargs, streamed=True)
+
+        def open_stream() -> tuple[Any, TrackedResponseStream[Any]]:
+            tracker = prepared.tracker
+            self._start_call(prepared)
+            token = current_attempts.set(tracker.attempts)
+            try:
+                with _as_current(tracker):
+                    manager = invoke(**prepared.kwargs)
+                    stream = manager.__enter__()
+            except BaseException as exc:
+                tracker.finish_error(exc)
+                raise
+            finally:
+                current_attempts.reset(token)
+            return manager, TrackedResponseStream(stream, tracker, ResponsesStreamState())
+
+        return TrackedResponseStreamManager(open_stream)
 
 
 # -- asynchronous -----------------------------------------------------------------------------
@@ -447,11 +484,7 @@ class AsyncLLMClient(_BaseLLMClient):
     ) -> Any:
         prepared = self._prepare(operation, kwargs)
         tracker = prepared.tracker
-        worker = self.runtime.db_worker
-        tracker.start()
-        if self.budget is not None and not self._reserve_nowait(prepared):
-            await _on_worker(worker, lambda: self._reserve(prepared))
-        self._arm_settlement(prepared)
+        worker = await self._start_call(prepared)
         token = current_attempts.set(tracker.attempts)
         try:
             with _as_current(tracker):
@@ -466,6 +499,41 @@ class AsyncLLMClient(_BaseLLMClient):
         outcome = tracker.outcome(tracker.success_outcome, operation.fields(result))
         await complete_shielded(tracker, outcome, worker)
         return result
+
+    async def _start_call(self, prepared: _Prepared) -> DbWorker:
+        """Start the call's span and reserve its budget (off the event loop when it must
+        wait); the tracking thread that will record it."""
+        worker = self.runtime.db_worker
+        prepared.tracker.start()
+        if self.budget is not None and not self._reserve_nowait(prepared):
+            await _on_worker(worker, lambda: self._reserve(prepared))
+        self._arm_settlement(prepared)
+        return worker
+
+    def _call_stream_manager(
+        self, operation: Operation, kwargs: dict[str, Any], invoke: Callable[..., Any]
+    ) -> AsyncTrackedResponseStreamManager:
+        """The async twin of ``LLMClient._call_stream_manager``."""
+        prepared = self._prepare(operation, kwargs, streamed=True)
+
+        async def open_stream() -> tuple[Any, AsyncTrackedResponseStream[Any]]:
+            tracker = prepared.tracker
+            worker = await self._start_call(prepared)
+            token = current_attempts.set(tracker.attempts)
+            try:
+                with _as_current(tracker):
+                    manager = invoke(**prepared.kwargs)
+                    stream = await manager.__aenter__()
+            except BaseException as exc:
+                outcome = tracker.outcome(tracker.error_outcome, exc)
+                await complete_shielded(tracker, outcome, worker)
+                raise
+            finally:
+                current_attempts.reset(token)
+            tracked = AsyncTrackedResponseStream(stream, tracker, worker, ResponsesStreamState())
+            return manager, tracked
+
+        return AsyncTrackedResponseStreamManager(open_stream)
 
 
 async def _on_worker(worker: DbWorker, func: Callable[[], T]) -> T:

@@ -1,7 +1,7 @@
 """The SDK-shaped namespaces of ``LLMClient`` and ``AsyncLLMClient``.
 
-``client.chat.completions.create``/``parse``, ``client.responses.create`` and
-``client.embeddings.create`` take the official SDK's arguments and return its objects (a tracked
+``client.chat.completions.create``/``parse``, ``client.responses.create``/``parse``/``stream``
+and ``client.embeddings.create`` take the official SDK's arguments and return its objects (a tracked
 stream for ``stream=True``), so code written for ``openai.OpenAI`` runs on an ``LLMClient``. Each
 method hands the SDK call to the owning client's ``_call``, which tracks it.
 """
@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import ParsedResponse, Response, ResponseStreamEvent
 
 from app.tracking.operations import CHAT, EMBEDDINGS, RESPONSES
 from app.tracking.streams import (
+    AsyncTrackedResponseStreamManager,
     AsyncTrackedStream,
     ChatStreamState,
     ResponsesStreamState,
+    TrackedResponseStreamManager,
     TrackedStream,
 )
 
@@ -60,6 +62,19 @@ class Responses:
         return owner._call(  # type: ignore[no-any-return]
             RESPONSES, kwargs, owner.client.responses.create, ResponsesStreamState
         )
+
+    def parse(self, **kwargs: Any) -> ParsedResponse[Any]:
+        """``responses.parse`` (structured outputs: ``text_format`` a pydantic class), tracked.
+        Returns the SDK's ``ParsedResponse``."""
+        owner = self._owner
+        return owner._call(RESPONSES, kwargs, owner.client.responses.parse)  # type: ignore[no-any-return]
+
+    def stream(self, **kwargs: Any) -> TrackedResponseStreamManager:
+        """``responses.stream``, tracked: ``with client.responses.stream(...) as stream`` yields
+        the SDK's events (and ``get_final_response()``); one row per call, partial when the
+        block is left before the response completed."""
+        owner = self._owner
+        return owner._call_stream_manager(RESPONSES, kwargs, owner.client.responses.stream)
 
 
 class Embeddings:
@@ -103,6 +118,15 @@ class AsyncResponses:
         return await owner._call(  # type: ignore[no-any-return]
             RESPONSES, kwargs, owner.client.responses.create, ResponsesStreamState
         )
+
+    async def parse(self, **kwargs: Any) -> ParsedResponse[Any]:
+        owner = self._owner
+        return await owner._call(RESPONSES, kwargs, owner.client.responses.parse)  # type: ignore[no-any-return]
+
+    def stream(self, **kwargs: Any) -> AsyncTrackedResponseStreamManager:
+        """``async with client.responses.stream(...) as stream``, tracked."""
+        owner = self._owner
+        return owner._call_stream_manager(RESPONSES, kwargs, owner.client.responses.stream)
 
 
 class AsyncEmbeddings:

@@ -26,11 +26,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Literal, Protocol
 
 from genai_prices import Usage
 from genai_prices import types as gp
 
+from app.tracking.price_table import (
+    PriceSource,
+    PriceTable,
+    bundled_table,
+    load_price_file,
+    overrides_source,
+)
 from app.tracking.providers import Endpoint, ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -99,13 +107,32 @@ class TieredPrice:
 class PriceQuote:
     cost_usd: Decimal
     status: CostStatus
-    source: str  # "override", "genai-prices" or "none"
+    source: str  # "override", "genai-prices" (the snapshot or a price file) or "none"
+    # Provenance, recorded on the row: the price source's compact reference, the entry that
+    # matched ("provider:model id", or the override's name) and what chose among the entry's
+    # prices ("service_tier=flex", "input>200000": a variant, a long-context tier).
+    ref: str | None = None
+    entry: str | None = None
+    tier: str | None = None
+
+
+_UNPRICED = PriceQuote(Decimal(0), "unpriced", "none")
+# genai-prices' request context keys (``price_variants``) that a call's service tier selects.
+_SERVICE_TIER_KEY = "service_tier"
 
 
 class PriceBook:
-    """Prices calls; thread-safe. One warning per unknown model, then silence."""
+    """Prices calls; thread-safe. One warning per unknown model, then silence.
 
-    def __init__(self, overrides: Mapping[str, Mapping[str, Decimal]] | None = None) -> None:
+    ``table``: the providers to price from (default: genai-prices' bundled snapshot; with a
+    ``PRICES_FILE``, ``price_table.load_price_file``). ``overrides`` win over the table.
+    """
+
+    def __init__(
+        self,
+        overrides: Mapping[str, Mapping[str, Decimal]] | None = None,
+        table: PriceTable | None = None,
+    ) -> None:
         self._overrides = {
             name: ModelPrice(
                 input_mtok=Decimal(str(p["input_mtok"])),
@@ -116,25 +143,44 @@ class PriceBook:
             )
             for name, p in (overrides or {}).items()
         }
+        self.table = table or bundled_table()
+        self.overrides_source = overrides_source(overrides or {})
         self._warned: set[str] = set()
         self._resolved: dict[tuple[str, str | None, str | None], ResolvedModel] = {}
         self._endpoints: dict[str, Endpoint | None] = {}
         self._unit_prices: dict[tuple[str, str | None, str | None], ModelPrice | None] = {}
-        # id(snapshot ModelPrice) -> (that object, kept alive so the id stays its own; the
-        # rates to price it with, or None when only genai-prices' calculation is exact).
-        self._rates: dict[int, tuple[gp.ModelPrice, Rates | None]] = {}
+        # (id(standard price), ids of the variants applied) -> (the objects, kept alive so the
+        # ids stay their own; the rates to price with, or None when only genai-prices'
+        # calculation is exact; the tier label of the variants).
+        self._rates: dict[
+            tuple[int, tuple[int, ...]], tuple[gp.ModelPrice, object, Rates | None, str]
+        ] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def configured(
+        cls, overrides: Mapping[str, Mapping[str, Decimal]], prices_file: Path | None
+    ) -> PriceBook:
+        """The book of the settings ``PRICE_OVERRIDES`` and ``PRICES_FILE``; a file that cannot
+        be used raises ``PriceFileError`` saying which and why."""
+        return cls(overrides, load_price_file(prices_file) if prices_file is not None else None)
+
+    @property
+    def sources(self) -> tuple[PriceSource, ...]:
+        """Every source this book prices from (for the ``price_source`` table)."""
+        found = (self.table.snapshot, self.table.file, self.overrides_source)
+        return tuple(source for source in found if source is not None)
 
     def resolve(
         self, model: str, provider: str | None = None, endpoint: str | None = None
     ) -> ResolvedModel:
-        """The provider and snapshot entry of ``model`` (cached: the snapshot is fixed)."""
+        """The provider and price-table entry of ``model`` (cached: the table is fixed)."""
         key = (model, provider, endpoint)
         try:
             return self._resolved[key]
         except KeyError:
             pass
-        resolved = resolve_model(model, provider, self.endpoint(endpoint))
+        resolved = resolve_model(model, provider, self.endpoint(endpoint), self.table.providers)
         with self._lock:
             if len(self._resolved) < _CACHE_LIMIT:
                 self._resolved[key] = resolved
@@ -154,11 +200,17 @@ class PriceBook:
                 self._endpoints[url] = parsed
         return parsed
 
-    def _override(self, model: str, resolved: ResolvedModel | None) -> ModelPrice | None:
+    def _override(
+        self, model: str, resolved: ResolvedModel | None
+    ) -> tuple[str, ModelPrice] | None:
         override = self._overrides.get(model)
-        if override is None and resolved is not None and resolved.model_ref != model:
+        if override is not None:
+            return model, override
+        if resolved is not None and resolved.model_ref != model:
             override = self._overrides.get(resolved.model_ref)
-        return override
+            if override is not None:
+                return resolved.model_ref, override
+        return None
 
     def unit_price(
         self, model: str, provider: str | None = None, endpoint: str | None = None
@@ -177,7 +229,8 @@ class PriceBook:
         except KeyError:
             pass
         resolved = self.resolve(model, provider, endpoint)
-        price = self._override(model, resolved) or _unit_price_of(resolved)
+        found = self._override(model, resolved)
+        price = found[1] if found is not None else _unit_price_of(resolved)
         with self._lock:
             if len(self._unit_prices) < _CACHE_LIMIT:
                 self._unit_prices[key] = price
@@ -192,51 +245,85 @@ class PriceBook:
         provider: str | None = None,
         endpoint: str | None = None,
         at: datetime | None = None,
+        service_tier: str | None = None,
     ) -> PriceQuote:
         """The exact cost of ``usage`` on ``model`` served by ``provider`` at ``endpoint``, at
-        the prices in force at ``at`` (default: now; some providers price by time of day)."""
+        the prices in force at ``at`` (default: now; some providers price by time of day), in
+        ``service_tier`` (the tier the provider reported: ``flex``, ``priority``...) where the
+        price table has a price for it."""
         status: CostStatus = "estimated" if estimated else "priced"
         override = self._overrides.get(model)
         if override is not None:
-            return PriceQuote(override.cost(usage), status, "override")
+            return self._override_quote(model, override, usage, status)
         resolved = self.resolve(model, provider, endpoint)
-        override = self._override(model, resolved)
-        if override is not None:
-            return PriceQuote(override.cost(usage), status, "override")
-        info, found = resolved.info, resolved.price_provider
-        if info is None or found is None:
+        found = self._override(model, resolved)
+        if found is not None:
+            return self._override_quote(found[0], found[1], usage, status)
+        info, price_provider = resolved.info, resolved.price_provider
+        if info is None or price_provider is None:
             self._warn_unpriced(model, resolved.provider)
-            return PriceQuote(Decimal(0), "unpriced", "none")
-        now = at or datetime.now(UTC)
-        rates = self._verified_rates(found, info, info.get_prices(now), now)
+            return _UNPRICED
+        now = datetime.now(UTC) if at is None else at
+        if now.tzinfo is None:  # a naive time read back from the ledger is UTC
+            now = now.replace(tzinfo=UTC)
+        ref = self.table.source_of(info).ref
+        entry = f"{price_provider.id}:{info.id}"
+        context = {_SERVICE_TIER_KEY: service_tier} if service_tier else None
+        price, rates, variant = self._price_and_rates(price_provider, info, now, context)
         if rates is not None:
-            return PriceQuote(rates.cost(usage), status, "genai-prices")
+            tier = _join(variant, _tier_label(price, usage.prompt_tokens))
+            return PriceQuote(rates.cost(usage), status, "genai-prices", ref, entry, tier)
         try:
-            calc = info.calc_price(_gp_usage(usage), found, genai_request_timestamp=now)
+            calc = info.calc_price(
+                _gp_usage(usage), price_provider, genai_request_timestamp=now, price_context=context
+            )
         except (LookupError, ValueError, ArithmeticError):
             # A price genai-prices cannot apply to these counts: unpriced, never a guess.
             logger.exception("genai-prices could not price %r", model)
-            return PriceQuote(Decimal(0), "unpriced", "none")
-        return PriceQuote(Decimal(calc.total_price), status, "genai-prices")
+            return _UNPRICED
+        tier = _join(variant, _tier_label(price, usage.prompt_tokens))
+        return PriceQuote(Decimal(calc.total_price), status, "genai-prices", ref, entry, tier)
 
-    def _verified_rates(
-        self, provider: gp.Provider, info: gp.ModelInfo, price: gp.ModelPrice, now: datetime
-    ) -> Rates | None:
+    def _override_quote(
+        self, name: str, price: ModelPrice, usage: TokenUsage, status: CostStatus
+    ) -> PriceQuote:
+        ref = self.overrides_source.ref if self.overrides_source is not None else None
+        return PriceQuote(price.cost(usage), status, "override", ref, name)
+
+    def _price_and_rates(
+        self,
+        provider: gp.Provider,
+        info: gp.ModelInfo,
+        now: datetime,
+        context: Mapping[str, str] | None,
+    ) -> tuple[gp.ModelPrice, Rates | None, str]:
+        """The model's price at ``now`` in ``context``, its verified rates (None: only
+        genai-prices' calculation is exact) and the label of the variants applied."""
+        standard = info.get_prices(now)
+        variants = _variants_applied(info, now, context)
+        key = (id(standard), tuple(id(v) for v in variants))
         try:
-            return self._rates[id(price)][1]
+            price, _kept, rates, label = self._rates[key]
+            return price, rates, label
         except KeyError:
             pass
+        price = info.get_prices(now, context) if variants else standard
         rates = _rates_of(price)
         if rates is not None:
             for probe in _probes(rates):
-                exact = info.calc_price(_gp_usage(probe), provider, genai_request_timestamp=now)
+                exact = info.calc_price(
+                    _gp_usage(probe), provider, genai_request_timestamp=now, price_context=context
+                )
                 if rates.cost(probe) != exact.total_price:
                     rates = None
                     break
+        label = ",".join(
+            f"{k}={v}" for variant in variants for k, v in sorted(variant.when.items())
+        )
         with self._lock:
             if len(self._rates) < _CACHE_LIMIT:
-                self._rates[id(price)] = (price, rates)
-        return rates
+                self._rates[key] = (price, (standard, variants), rates, label)
+        return price, rates, label
 
     def _warn_unpriced(self, model: str, provider: str) -> None:
         with self._lock:
@@ -245,10 +332,39 @@ class PriceBook:
             self._warned.add(model)
         logger.warning(
             "No price known for model %r (provider %r): its calls are recorded with "
-            "cost_status=unpriced. Add it to PRICE_OVERRIDES to price it.",
+            "cost_status=unpriced. Add it to PRICE_OVERRIDES or PRICES_FILE to price it.",
             model,
             provider,
         )
+
+
+def _variants_applied(
+    info: gp.ModelInfo, now: datetime, context: Mapping[str, str] | None
+) -> tuple[gp.PriceVariant, ...]:
+    """The model's price variants that ``context`` selects at ``now`` (genai-prices' rule)."""
+    if not context or not info.price_variants:
+        return ()
+    return tuple(
+        variant
+        for variant in info.price_variants
+        if (variant.constraint is None or variant.constraint.active(now))
+        and all(context.get(key) == value for key, value in variant.when.items())
+    )
+
+
+def _tier_label(price: gp.ModelPrice, prompt_tokens: int) -> str:
+    """``input>N`` when a long-context tier (starting above N prompt tokens) priced the call."""
+    start = None
+    for value in vars(price).values():
+        if isinstance(value, gp.TieredPrices):
+            for tier in value.tiers:
+                if prompt_tokens > tier.start and (start is None or tier.start > start):
+                    start = tier.start
+    return f"input>{start}" if start is not None else ""
+
+
+def _join(*labels: str) -> str | None:
+    return ",".join(label for label in labels if label) or None
 
 
 def _unit_price_of(resolved: ResolvedModel) -> ModelPrice | None:

@@ -104,71 +104,82 @@ def normalize_provider(name: str) -> str:
     return name if name in _PRICE_IDS else _SEMCONV_NAMES.get(name, name)
 
 
-def _price_provider(name: str) -> gp.Provider | None:
-    providers = data_snapshot.get_snapshot().providers
+Providers = list[gp.Provider]
+
+
+def bundled_providers() -> Providers:
+    """genai-prices' bundled snapshot (the price table used when no ``PRICES_FILE`` is set)."""
+    return data_snapshot.get_snapshot().providers
+
+
+def _price_provider(name: str, providers: Providers) -> gp.Provider | None:
     return find_provider_by_id(providers, _PRICE_IDS.get(name, name))
 
 
-def _by_endpoint(endpoint: Endpoint | None) -> gp.Provider | None:
+def _by_endpoint(endpoint: Endpoint | None, providers: Providers) -> gp.Provider | None:
     if endpoint is None:
         return None
-    for candidate in data_snapshot.get_snapshot().providers:
+    for candidate in providers:
         if re.match(candidate.api_pattern, endpoint.url):
             return candidate
     return None
 
 
-def _by_model_name(model: str) -> gp.Provider | None:
-    for candidate in data_snapshot.get_snapshot().providers:
+def _by_model_name(model: str, providers: Providers) -> gp.Provider | None:
+    for candidate in providers:
         if candidate.model_match is not None and candidate.model_match.is_match(model.lower()):
             return candidate
     return None
 
 
-def _model_ref(model: str, provider: gp.Provider) -> str:
+def _model_ref(model: str, provider: gp.Provider, providers: Providers) -> str:
     """The name ``provider`` prices ``model`` under: ``model`` itself when it knows it, else
     ``model`` without a ``provider/`` prefix naming ``provider`` (``anthropic/claude-...``)."""
     prefix, slash, rest = model.partition("/")
-    if not slash or not rest or _price_provider(prefix.lower()) is not provider:
+    if not slash or not rest or _price_provider(prefix.lower(), providers) is not provider:
         return model
-    if provider.find_model(model, all_providers=data_snapshot.get_snapshot().providers):
+    if provider.find_model(model, all_providers=providers):
         return model
     return rest
 
 
 def resolve_model(
-    model: str, provider: str | None = None, endpoint: Endpoint | None = None
+    model: str,
+    provider: str | None = None,
+    endpoint: Endpoint | None = None,
+    providers: Providers | None = None,
 ) -> ResolvedModel:
-    """The provider and snapshot model of ``model`` (see the module docstring for the order)."""
+    """The provider and price-table model of ``model`` (see the module docstring for the
+    order); ``providers`` is the price table (default: genai-prices' bundled snapshot)."""
+    table = bundled_providers() if providers is None else providers
     found: gp.Provider | None
     ref = model
     if provider:
         name = normalize_provider(provider)
-        found = _price_provider(name)
+        found = _price_provider(name, table)
         if found is not None:
-            ref = _model_ref(model, found)
-        return _resolved(name, "explicit", ref, found)
-    found = _by_endpoint(endpoint)
+            ref = _model_ref(model, found, table)
+        return _resolved(name, "explicit", ref, found, table)
+    found = _by_endpoint(endpoint, table)
     if found is not None:
-        source, ref = "endpoint", _model_ref(model, found)
+        source, ref = "endpoint", _model_ref(model, found, table)
     else:
         prefix, slash, rest = model.partition("/")
-        found = _price_provider(prefix.lower()) if slash and rest else None
+        found = _price_provider(prefix.lower(), table) if slash and rest else None
         if found is not None:
             source, ref = "prefix", rest
         else:
-            found = _by_model_name(model)
+            found = _by_model_name(model, table)
             source = "model" if found is not None else "default"
-            found = found or _price_provider(DEFAULT_PROVIDER)
-    assert found is not None  # the default provider is always in the snapshot
-    return _resolved(semconv_name(found.id, endpoint), source, ref, found)
+            found = found or _price_provider(DEFAULT_PROVIDER, table)
+    assert found is not None  # the default provider is in every table (a file only adds)
+    return _resolved(semconv_name(found.id, endpoint), source, ref, found, table)
 
 
-def _resolved(name: str, source: str, ref: str, found: gp.Provider | None) -> ResolvedModel:
-    info = None
-    if found is not None:
-        providers = data_snapshot.get_snapshot().providers
-        info = found.find_model(ref, all_providers=providers)
+def _resolved(
+    name: str, source: str, ref: str, found: gp.Provider | None, providers: Providers
+) -> ResolvedModel:
+    info = found.find_model(ref, all_providers=providers) if found is not None else None
     return ResolvedModel(
         provider=name, source=source, model_ref=ref, price_provider=found, info=info
     )

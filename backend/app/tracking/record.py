@@ -29,6 +29,12 @@ class UsageRecord:
     reasoning_tokens: int = 0
     cost_pico_usd: int = 0
     cost_status: str = "priced"
+    # Provenance of the cost (``PriceQuote``): the price source's reference, the entry matched,
+    # the variant or tier applied; and the service tier the call ran in.
+    price_source: str | None = None
+    price_entry: str | None = None
+    price_tier: str | None = None
+    service_tier: str | None = None
     latency_ms: float = 0.0
     is_stream: bool = False
     is_partial: bool = False

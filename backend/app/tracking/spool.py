@@ -4,6 +4,12 @@ Each process appends JSON lines to its own file (fsync'd: this path only runs wh
 database is down, so durability wins over speed). Replay takes an exclusive ``flock`` on a file,
 inserts its rows idempotently (unique ``request_id``) and deletes it, so a row replayed twice,
 or by two processes, is still counted once.
+
+A row may carry its budget settlement (the reservation its call held, as the budget guard wrote
+it: ``{"record": {...}, "settlement": {...}}``; a line without one is the record alone). The
+replay settles it in the row's transaction, and settling is idempotent too (a reservation is
+released only by the transaction that deletes it), so the counters catch up with the ledger
+once, as soon as the rows land.
 """
 
 from __future__ import annotations
@@ -14,12 +20,22 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.tracking.record import UsageRecord
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """One spooled line: a usage row and, if its call held a reservation, its settlement."""
+
+    record: UsageRecord
+    settlement: Mapping[str, Any] | None = None
 
 
 class UsageSpool:
@@ -28,8 +44,12 @@ class UsageSpool:
         self._lock = threading.Lock()
         self._path = directory / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
 
-    def append(self, record: UsageRecord) -> None:
-        line = json.dumps(record.to_json(), separators=(",", ":")) + "\n"
+    def append(self, record: UsageRecord, settlement: Mapping[str, Any] | None = None) -> None:
+        """Add the row (with its settlement, if any) durably to this process's file."""
+        data_json: dict[str, Any] = record.to_json()
+        if settlement is not None:
+            data_json = {"record": data_json, "settlement": dict(settlement)}
+        line = json.dumps(data_json, separators=(",", ":")) + "\n"
         data = line.encode("utf-8")
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -60,8 +80,9 @@ class UsageSpool:
                 continue
         return count
 
-    def replay(self, insert_batch: Callable[[Iterable[UsageRecord]], None]) -> int:
-        """Insert every spooled row through ``insert_batch``; returns how many were replayed.
+    def replay(self, insert_batch: Callable[[list[Spooled]], None]) -> int:
+        """Insert every spooled row through ``insert_batch``, one file (one transaction) at a
+        time; returns how many were replayed.
 
         A file is deleted only after its batch committed; on failure it stays for next time.
         """
@@ -94,13 +115,17 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _read_records(path: Path) -> Iterable[UsageRecord]:
+def _read_records(path: Path) -> Iterable[Spooled]:
     with path.open("r", encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                yield UsageRecord.from_json(json.loads(line))
-            except (ValueError, TypeError):
+                data = json.loads(line)
+                if "record" in data:
+                    yield Spooled(UsageRecord.from_json(data["record"]), data.get("settlement"))
+                else:
+                    yield Spooled(UsageRecord.from_json(data))
+            except (ValueError, TypeError, KeyError):
                 # A torn last line from a crash mid-write: the call never returned, skip it.
                 logger.warning("Skipping unreadable spool line %s:%d", path.name, number)

@@ -3,13 +3,14 @@
 A tracked stream yields the SDK's own chunks (chat) or events (Responses API) and records the
 call's row when the stream ends, fails, or is closed early (then flagged partial, with the tokens
 known so far, estimated when the provider never sent its usage). A ``StreamState`` per API
-follows what the stream has shown.
+follows what the stream has shown. ``responses.stream()``'s context manager is wrapped the same
+way (``TrackedResponseStreamManager``): one row per call, partial when the block is left early.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -244,3 +245,75 @@ class AsyncTrackedStream(Generic[T]):
             self._done = True
             outcome = _error_outcome(self._tracker, self._state, exc)
             await complete_shielded(self._tracker, outcome, self._worker)
+
+
+class TrackedResponseStream(TrackedStream[T]):
+    """The SDK's ``ResponseStream`` (of ``responses.stream()``) with accounting: its helpers
+    that read to the end go through the tracked iteration, so the events are seen."""
+
+    def get_final_response(self) -> Any:
+        self.until_done()
+        return self._stream.get_final_response()  # type: ignore[attr-defined]
+
+    def until_done(self) -> TrackedResponseStream[T]:
+        for _ in self:
+            pass
+        return self
+
+
+class TrackedResponseStreamManager:
+    """``responses.stream()``'s context manager, tracked: the request is made (and the call's
+    budget reserved) on entry, as the SDK does; leaving the block unfinished records the call
+    as partial."""
+
+    def __init__(self, open_stream: Callable[[], tuple[Any, TrackedResponseStream[Any]]]) -> None:
+        self._open = open_stream
+        self._manager: Any = None
+        self._stream: TrackedResponseStream[Any] | None = None
+
+    def __enter__(self) -> TrackedResponseStream[Any]:
+        self._manager, self._stream = self._open()
+        return self._stream
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._manager.__exit__(*exc_info)
+        finally:
+            if self._stream is not None:
+                self._stream._finish(partial=True)  # nothing when it ended
+
+
+class AsyncTrackedResponseStream(AsyncTrackedStream[T]):
+    """The async twin of ``TrackedResponseStream``."""
+
+    async def get_final_response(self) -> Any:
+        await self.until_done()
+        return await self._stream.get_final_response()  # type: ignore[attr-defined]
+
+    async def until_done(self) -> AsyncTrackedResponseStream[T]:
+        async for _ in self:
+            pass
+        return self
+
+
+class AsyncTrackedResponseStreamManager:
+    """The async twin of ``TrackedResponseStreamManager``."""
+
+    def __init__(
+        self,
+        open_stream: Callable[[], Awaitable[tuple[Any, AsyncTrackedResponseStream[Any]]]],
+    ) -> None:
+        self._open = open_stream
+        self._manager: Any = None
+        self._stream: AsyncTrackedResponseStream[Any] | None = None
+
+    async def __aenter__(self) -> AsyncTrackedResponseStream[Any]:
+        self._manager, self._stream = await self._open()
+        return self._stream
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._manager.__aexit__(*exc_info)
+        finally:
+            if self._stream is not None:
+                await self._stream._finish(partial=True)

@@ -21,11 +21,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.money import usd_to_pico
 from app.core.prepared import Tx
@@ -54,7 +55,7 @@ from app.tracking.operations import (
     estimate_tokens,
     read_usage,
 )
-from app.tracking.pricing import PriceBook, TokenUsage
+from app.tracking.pricing import PriceBook, PriceQuote, TokenUsage
 from app.tracking.providers import DEFAULT_PROVIDER, Endpoint
 from app.tracking.record import UsageRecord
 from app.tracking.writer import UsageWriter
@@ -77,9 +78,19 @@ logger = logging.getLogger(__name__)
 MIN_FRAGMENT_CHARS = 12  # shorter prompt lines are not masked on their own in error messages
 
 
+class SpoolableReservation(Protocol):
+    """A budget reservation as the spool keeps it (``app.budgets.guard.Reservation``)."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class CallContext:
-    """Who a call is for; ids go to rows and spans, never to metric labels."""
+    """Who a call is for; ids go to rows and spans, never to metric labels.
+
+    ``reservation`` is set by the budget guard when the call holds one: if the database cannot
+    take the call's row, the row is spooled with it and the replay settles it.
+    """
 
     task_id: str | None = None
     user_id: str | None = None
@@ -88,6 +99,7 @@ class CallContext:
     capture_content: bool = False
     secrets: tuple[str, ...] = ()
     deprecated_attributes: bool = False  # also emit gen_ai.system
+    reservation: SpoolableReservation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,14 +221,24 @@ class CallTracker:
             logger.exception("Could not build the usage record of %s", self.request_id)
             return None
 
-    def _quote(self, tokens: TokenUsage, *, estimated: bool = False) -> Any:
+    def _quote(
+        self, tokens: TokenUsage, *, estimated: bool = False, service_tier: str | None = None
+    ) -> PriceQuote:
         return self.price_book.quote(
             self.model,
             tokens,
             estimated=estimated,
             provider=self.provider_setting,
             endpoint=self.endpoint_url,
+            service_tier=self._service_tier(service_tier),
         )
+
+    def _service_tier(self, reported: str | None) -> str | None:
+        """The tier the call ran in: the provider's answer, else the one asked for."""
+        if isinstance(reported, str) and reported:
+            return reported[:16]
+        asked = self.request.get("service_tier")
+        return asked[:16] if isinstance(asked, str) and asked and asked != "auto" else None
 
     def success_outcome(
         self, fields: ResponseFields, *, partial: bool = False, extra_flags: Sequence[str] = ()
@@ -243,7 +265,7 @@ class CallTracker:
             )
             estimated = True
         flags.extend(extra_flags)
-        quote = self._quote(tokens, estimated=estimated)
+        quote = self._quote(tokens, estimated=estimated, service_tier=fields.service_tier)
         cost_status = "unpriced" if "absurd_tokens" in flags else quote.status
         self.response_model = fields.model
         record = self._record(
@@ -251,6 +273,8 @@ class CallTracker:
             tokens=tokens,
             cost_pico=usd_to_pico(quote.cost_usd) if cost_status != "unpriced" else 0,
             cost_status=cost_status,
+            quote=quote if cost_status != "unpriced" else None,
+            service_tier=self._service_tier(fields.service_tier),
             response_model=fields.model,
             finish_reason=",".join(fields.finish_reasons) or None,
             partial=partial,
@@ -287,6 +311,7 @@ class CallTracker:
         reading = read_usage(partial_usage, reports_output=self.operation.reports_output)
         tokens, flags = reading.tokens, reading.flags
         cost_pico, cost_status = 0, "priced"
+        quote = None
         if partial_usage is not None:
             quote = self._quote(tokens)
             cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
@@ -311,6 +336,8 @@ class CallTracker:
             tokens=tokens,
             cost_pico=cost_pico,
             cost_status=cost_status,
+            quote=quote,
+            service_tier=self._service_tier(None),
             response_model=response_model,
             partial=bool(output_text) or partial_usage is not None,
             flags=flags,
@@ -340,7 +367,8 @@ class CallTracker:
         assert outcome is not None
         record, joined = outcome.record, self._joined_settle(outcome.record)
         try:
-            settled = self.writer.write(record, also=joined).also_committed
+            written = self.writer.write(record, also=joined, settlement=self._settlement())
+            settled = written.also_committed or written.settlement_spooled
         except Exception:
             TRACKING_ERRORS.labels("write").inc()
             logger.exception("Could not persist or spool usage row %s", record.request_id)
@@ -358,7 +386,8 @@ class CallTracker:
         assert outcome is not None
         record, joined = outcome.record, self._joined_settle(outcome.record)
         try:
-            settled = (await asyncio.wrap_future(worker.write(record, joined))).also_committed
+            written = await asyncio.wrap_future(worker.write(record, joined, self._settlement()))
+            settled = written.also_committed or written.settlement_spooled
         except Exception:
             TRACKING_ERRORS.labels("write").inc()
             logger.exception("Could not persist or spool usage row %s", record.request_id)
@@ -387,10 +416,30 @@ class CallTracker:
 
         return joined
 
+    def _settlement(self) -> dict[str, Any] | None:
+        """The call's reservation as the spool keeps it, if the call must settle one."""
+        reservation = self.context.reservation
+        if self.settle is None or reservation is None:
+            return None
+        return reservation.to_json()
+
     def _settle_alone(self, record: UsageRecord) -> None:
         assert self.settle is not None
         try:
             self.settle(None, record)
+        except SQLAlchemyError as exc:
+            # The database went away between the row and its settlement: spool the settlement
+            # with the row (the replay inserts the row once and settles the reservation).
+            settlement = self._settlement()
+            if settlement is None:
+                TRACKING_ERRORS.labels("settle").inc()
+                logger.warning("Could not settle the reservation of %s: %s", record.request_id, exc)
+                return
+            try:
+                self.writer.spool_row(record, settlement)
+            except Exception:
+                TRACKING_ERRORS.labels("settle").inc()
+                logger.exception("Could not spool the settlement of %s", record.request_id)
         except Exception:
             TRACKING_ERRORS.labels("settle").inc()
             logger.exception("Could not settle the budget reservation of %s", record.request_id)
@@ -426,6 +475,8 @@ class CallTracker:
         tokens: TokenUsage,
         cost_pico: int,
         cost_status: str,
+        quote: PriceQuote | None = None,
+        service_tier: str | None = None,
         response_model: str | None = None,
         finish_reason: str | None = None,
         partial: bool = False,
@@ -434,6 +485,7 @@ class CallTracker:
         error_message: str | None = None,
     ) -> UsageRecord:
         trace_id, span_id = self.trace_ids
+        priced = quote if quote is not None and quote.status != "unpriced" else None
         return UsageRecord(
             request_id=self.request_id,
             model=self.model,
@@ -450,6 +502,10 @@ class CallTracker:
             reasoning_tokens=tokens.reasoning_tokens,
             cost_pico_usd=cost_pico,
             cost_status=cost_status,
+            price_source=priced.ref if priced is not None else None,
+            price_entry=priced.entry if priced is not None else None,
+            price_tier=priced.tier if priced is not None else None,
+            service_tier=service_tier,
             latency_ms=(time.perf_counter() - self.started) * 1000.0,
             is_stream=self.is_stream,
             is_partial=partial,

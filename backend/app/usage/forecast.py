@@ -22,6 +22,10 @@ The method, for one user or for everyone (``forecast_spend``):
 
 Backtested on generated histories (``tests/usage/test_forecast.py``; figures in
 ``docs/BENCHMARKS.md``).
+
+``record_forecasts_over_budget`` (the dispatcher's periodic scan) records
+``budget.forecast_over`` for each user whose month-end projection is above their monthly budget
+(``BUDGET_USER_MONTHLY_USD`` or their override), once per user and month.
 """
 
 from __future__ import annotations
@@ -33,11 +37,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from app.budgets import store as budget_store
+from app.budgets.guard import effective_limit
+from app.core.config import Settings
 from app.core.money import PICO_PER_USD, pico_to_usd
-from app.models import UsageRollupDaily, UsageRollupDailyOverall
+from app.core.prepared import write_gate
+from app.models import BudgetScope, UsageRollupDaily, UsageRollupDailyOverall
+from app.notifications.events import forecast_over_budget_event
+from app.notifications.outbox import record_event
 
 HISTORY_DAYS = 56
 TREND_DAYS = 56
@@ -240,3 +250,72 @@ def forecast_spend(session: Session, user_id: str | None, now: datetime) -> Spen
         weekday_factors=tuple(round(f, 4) for f in projection.weekday_factors),
         trend_usd_per_day=Decimal(repr(projection.trend_usd_per_day)).quantize(Decimal("0.000001")),
     )
+
+
+# -- the forecast against the monthly budget ----------------------------------------------------
+
+MAX_OVERRIDES = 100_000
+
+
+def month_spenders(session: Session, first: date, last: date) -> list[str]:
+    """The users with any spend from ``first`` to ``last``."""
+    r = UsageRollupDaily
+    query = select(r.user_id).where(r.day >= first, r.day <= last, r.user_id != "").distinct()
+    return sorted(str(user) for user in session.execute(query).scalars())
+
+
+def monthly_limits(session: Session, settings: Settings, users: list[str]) -> dict[str, int]:
+    """Each user's monthly budget in picodollars (override, else the default); unlimited absent."""
+    scope = BudgetScope.USER_MONTHLY
+    overrides = {
+        o.subject_id: o
+        for o in budget_store.list_overrides(
+            session.connection(), scope, limit=MAX_OVERRIDES, offset=0
+        )
+    }
+    limits = {}
+    for user in users:
+        limit = effective_limit(settings, scope, overrides.get(user)).limit_pico
+        if limit is not None:
+            limits[user] = limit
+    return limits
+
+
+def forecasts_over_budget(
+    session: Session, settings: Settings, now: datetime
+) -> list[tuple[SpendForecast, int]]:
+    """(forecast, monthly limit in picodollars) of each user projected above their limit."""
+    first, _last = month_bounds(now.astimezone(UTC).date())
+    users = month_spenders(session, first, now.astimezone(UTC).date())
+    over = []
+    for user, limit_pico in monthly_limits(session, settings, users).items():
+        result = forecast_spend(session, user, now)
+        if result.projected_usd > pico_to_usd(limit_pico):
+            over.append((result, limit_pico))
+    return over
+
+
+def record_forecasts_over_budget(
+    engine: Engine, settings: Settings, now: datetime | None = None
+) -> int:
+    """Record ``budget.forecast_over`` for each user projected above their monthly budget,
+    once per user and month; how many were new. Raises what the database raises."""
+    now = now or datetime.now(UTC)
+    with Session(engine) as session:
+        over = forecasts_over_budget(session, settings, now)
+    if not over:
+        return 0
+    events = [
+        forecast_over_budget_event(
+            user_id=str(f.user_id),
+            month_start=f.month_start,
+            limit_usd=pico_to_usd(limit_pico),
+            projected_usd=f.projected_usd,
+            low_usd=f.low_usd,
+            high_usd=f.high_usd,
+            spent_usd=f.spent_to_date_usd,
+        )
+        for f, limit_pico in over
+    ]
+    with write_gate(engine).transaction() as tx:
+        return sum(record_event(tx, event) for event in events)

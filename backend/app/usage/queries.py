@@ -1,11 +1,12 @@
 """Reads of the usage ledger. All SQL over ``llm_usage`` and its rollups lives here.
 
-The reports read the rollups: ``usage_rollup_daily`` (one row per day, user, task, model and
-agent) for a task or a user, ``usage_rollup_daily_overall`` (per day, model and agent) for
-everyone, so their cost grows with the number of keys in the window, not of calls. The
-``raw_*`` variants compute the same figures from ``llm_usage`` itself; they exist to check the
-rollup against its source (tests, ``bench/usage_endpoints.py``) and only see rows that retention
-has not pruned yet.
+The reports read the rollups only: ``usage_rollup_daily`` (one row per day, user, task, model,
+agent, provider and operation) for a task, ``usage_rollup_user_daily`` (per user, day, model,
+provider and operation) for a user, ``usage_rollup_daily_overall`` (per day, model, agent,
+provider and operation) for everyone, so their cost grows with the number of keys in the
+window, not of calls. The ``raw_*`` variants compute the same figures from ``llm_usage`` itself;
+they exist to check the rollups against their source (tests, ``bench/usage_endpoints.py``) and
+only see rows that retention has not pruned yet.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from sqlalchemy import (
 )
 
 from app.core.money import pico_to_usd
-from app.models import LATENCY_BUCKETS_MS, LLMUsage, UsageRollupDaily, UsageRollupDailyOverall
+from app.models import (
+    LATENCY_BUCKETS_MS,
+    LLMUsage,
+    UsageRollupDaily,
+    UsageRollupDailyOverall,
+    UsageRollupUserDaily,
+)
 
 BUCKET_COUNT = len(LATENCY_BUCKETS_MS) + 1  # the finite buckets and the overflow
 
@@ -140,21 +147,25 @@ class UsageSums:
 
 @dataclass(frozen=True, slots=True)
 class UsageGroup:
-    """The sums of one (UTC day, model, agent) cell; ``agent`` is '' when calls had none."""
+    """The sums of one (UTC day, model, agent, provider, operation) cell; ``agent`` is '' when
+    calls had none or the report does not break down by agent; ``provider`` and ``operation``
+    are '' for calls the rollups hold without them (pruned before revision 0008)."""
 
     day: date
     model: str
     agent: str
+    provider: str
+    operation: str
     sums: UsageSums
 
 
 def _groups(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
     groups = []
     for row in rows:
-        day, model, agent, *values = row
+        day, model, agent, provider, operation, *values = row
         if isinstance(day, str):  # SQLite's date() returns text
             day = date.fromisoformat(day)
-        groups.append(UsageGroup(day=day, model=model, agent=agent, sums=UsageSums(values)))
+        groups.append(UsageGroup(day, model, agent, provider, operation, UsageSums(values)))
     return groups
 
 
@@ -163,16 +174,23 @@ def _summed(column: Any, name: str) -> ColumnElement[Any]:
     return cast(func.sum(column), Float if name == "latency_ms_sum" else BigInteger)
 
 
+def rollup_table(*, by_task: bool, by_user: bool, by_agent: bool) -> Any:
+    """The narrowest rollup that answers a question: a task's from the per-task rollup, a
+    user's from the per-user one (which has no agent), everyone's from the overall one."""
+    if by_task or (by_user and by_agent):
+        return UsageRollupDaily.__table__
+    if by_user:
+        return UsageRollupUserDaily.__table__
+    return UsageRollupDailyOverall.__table__
+
+
 @functools.cache
 def _rollup_statement(
     *, by_task: bool, by_user: bool, since: bool, until: bool, by_agent: bool
 ) -> Any:
     """The rollup query for one combination of filters, built once (then the compiled cache
     serves it); the filter values are bound parameters."""
-    table: Any = (
-        UsageRollupDaily.__table__ if by_task or by_user else UsageRollupDailyOverall.__table__
-    )
-    c = table.c
+    c = rollup_table(by_task=by_task, by_user=by_user, by_agent=by_agent).c
     conditions: list[ColumnElement[bool]] = []
     if by_task:
         conditions.append(c.task_id == bindparam("task_id", type_=String))
@@ -182,12 +200,15 @@ def _rollup_statement(
         conditions.append(c.day >= bindparam("since_day", type_=Date))
     if until:
         conditions.append(c.day < bindparam("until_day", type_=Date))
-    keys = [c.day, c.model, c.agent if by_agent else literal("")]
+    agent = c.agent if by_agent else literal("")
+    keys = [c.day, c.model, c.provider, c.operation, *([agent] if by_agent else [])]
     return (
-        select(*keys, *(_summed(c[name], name) for name in SUM_FIELDS))
+        select(c.day, c.model, agent, c.provider, c.operation,
+               *(_summed(c[name], name) for name in SUM_FIELDS))
         .where(and_(True, *conditions))
-        .group_by(*keys[: 3 if by_agent else 2])
-    )
+        .group_by(*keys)
+        .having(func.sum(c.requests) != 0)  # a key whose calls were all taken out again
+    )  # fmt: skip
 
 
 def rollup_usage_groups(
@@ -199,11 +220,12 @@ def rollup_usage_groups(
     until_day: date | None = None,
     by_agent: bool = True,
 ) -> list[UsageGroup]:
-    """Sums per (day, model, agent) from the rollups, for days in ``[since_day, until_day)``;
-    per (day, model) with ``agent=''`` when not ``by_agent``.
+    """Sums per (day, model, agent, provider, operation) from the rollups, for days in
+    ``[since_day, until_day)``; with ``agent=''`` when not ``by_agent``.
 
-    Without a task or user it reads ``usage_rollup_daily_overall`` (a few rows a day), else
-    ``usage_rollup_daily`` through its (task_id, day) or (user_id, day) index.
+    The table is :func:`rollup_table`'s: ``usage_rollup_daily`` through its (task_id, day)
+    index for a task, ``usage_rollup_user_daily`` through its (user_id, day, ...) key for a
+    user, ``usage_rollup_daily_overall`` (a few rows a day) for everyone.
     """
     stmt = _rollup_statement(
         by_task=task_id is not None,
@@ -262,11 +284,12 @@ def raw_usage_groups(
         _summed(u.latency_ms, "latency_ms_sum"),
         *(count_if(bucket == i) for i in range(BUCKET_COUNT)),
     ]
-    keys = [day, u.model, func.coalesce(u.agent, "") if by_agent else literal("")]
+    agent = func.coalesce(u.agent, "") if by_agent else literal("")
+    keys = [day, u.model, u.provider, u.operation, *([agent] if by_agent else [])]
     stmt = (
-        select(*keys, *columns)
+        select(day, u.model, agent, u.provider, u.operation, *columns)
         .where(and_(True, *_usage_row_filter(task_id, user_id, since, until)))
-        .group_by(*keys[: 3 if by_agent else 2])
+        .group_by(*keys)
     )
     return _groups(conn.execute(stmt).all())
 
@@ -274,7 +297,13 @@ def raw_usage_groups(
 def task_user_ids(conn: Connection, task_id: str) -> list[str] | None:
     """The users a task's calls were made for ('' when unset); None if it has no usage at all."""
     r = UsageRollupDaily
-    rows = conn.execute(select(r.user_id).where(r.task_id == task_id).distinct()).scalars().all()
+    stmt = (
+        select(r.user_id)
+        .where(r.task_id == task_id)
+        .group_by(r.user_id)
+        .having(func.sum(r.requests) != 0)
+    )
+    rows = conn.execute(stmt).scalars().all()
     return sorted(rows) if rows else None
 
 

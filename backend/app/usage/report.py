@@ -1,8 +1,9 @@
-"""Usage reports: what a task, a user or everyone spent, with breakdowns by model, day and agent.
+"""Usage reports: what a task, a user or everyone spent, with breakdowns by model, day, provider,
+operation (the OpenAI API called) and, for a task, agent.
 
-Figures come from the daily rollups (``usage_queries.rollup_usage_groups``: per task for the
-task and user views, summed over everyone for the overall view), so a report costs an index
-range scan however many calls there were. Rules a caller may rely on:
+Figures come from the daily rollups only (``usage_queries.rollup_usage_groups``: the per-task
+rollup for a task, the per-user one for a user, the overall one for everyone), so a report
+costs an index range scan however many calls there were. Rules a caller may rely on:
 
 - Windows are whole UTC calendar days: ``days=N`` is ``[00:00 UTC of today-(N-1), 00:00 UTC of
   tomorrow)``, reported as ``window.since``/``window.until``. Daily rollups make this exact;
@@ -33,7 +34,9 @@ from app.schemas.usage import (
     AgentUsage,
     DayUsage,
     ModelUsage,
+    OperationUsage,
     OverallUsageResponse,
+    ProviderUsage,
     TaskUsageResponse,
     UsageTotals,
     UsageWindow,
@@ -114,10 +117,20 @@ def _breakdowns(groups: list[UsageGroup]) -> dict[str, object]:
     total = UsageSums.total(by_model_sums.values())
     by_model = _most_expensive_first(by_model_sums)
     by_day = sorted(_sum_by(groups, lambda g: g.day).items())
+    by_provider = _most_expensive_first(_sum_by(groups, lambda g: g.provider))
+    by_operation = _most_expensive_first(_sum_by(groups, lambda g: g.operation))
     return {
         "totals": UsageTotals.model_validate(_totals(total)),
         "by_model": [ModelUsage.model_validate({"model": m, **_totals(s)}) for m, s in by_model],
         "by_day": [DayUsage.model_validate({"day": d, **_totals(s)}) for d, s in by_day],
+        "by_provider": [
+            ProviderUsage.model_validate({"provider": p or None, **_totals(s)})
+            for p, s in by_provider
+        ],
+        "by_operation": [
+            OperationUsage.model_validate({"operation": o or None, **_totals(s)})
+            for o, s in by_operation
+        ],
     }
 
 

@@ -1,10 +1,11 @@
 """The console's reads that no API endpoint makes: filtered task pages, a task's calls in
 order, and rollup sums grouped by user or task.
 
-Every figure of spend comes from the daily rollups (``usage_rollup_daily`` per user and task,
-``usage_rollup_daily_overall`` for everyone), as the usage reports' do, so a page costs an
-index range scan whatever the number of calls. Visibility is the API's: a user's reads are
-restricted to their own ``user_id`` here, in the query, never after it.
+Every figure of spend comes from the daily rollups (``usage_rollup_daily`` per task,
+``usage_rollup_user_daily`` per user, ``usage_rollup_daily_overall`` for everyone), as the usage
+reports' do, so a page costs an index range scan whatever the number of calls. Visibility is
+the API's: a user's reads are restricted to their own ``user_id`` here, in the query, never
+after it.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from app.models import (
     LLMUsage,
     Task,
     UsageRollupDaily,
-    UsageRollupDailyOverall,
 )
-from app.usage.queries import SUM_FIELDS, UsageSums
+from app.usage.queries import SUM_FIELDS, UsageSums, rollup_table
 
-Dimension = Literal["user", "task", "model", "agent", "day"]
+Dimension = Literal["user", "task", "model", "agent", "provider", "operation", "day"]
 _COLUMNS: dict[Dimension, str] = {
-    "user": "user_id", "task": "task_id", "model": "model", "agent": "agent", "day": "day",
+    "user": "user_id", "task": "task_id", "model": "model", "agent": "agent",
+    "provider": "provider", "operation": "operation", "day": "day",
 }  # fmt: skip
 MAX_TASK_CALLS = 2000
 
@@ -164,14 +165,15 @@ def rollup_groups(
     """Sums per combination of ``keys`` over days in ``[since_day, until_day)``, of one user's
     calls or (``user_id`` None) everyone's.
 
-    Everyone's sums by model, agent and day come from the overall rollup (a few rows a day);
-    anything by user or task, or of one user, from ``usage_rollup_daily`` through its
-    ``(user_id, day)`` index or its unique key, which starts with ``day``. With ``cost_only``
-    the sums hold the cost alone (in ``UsageSums.cost_pico_usd``; the rest are zero).
+    The narrowest rollup that holds the keys answers (``app.usage.queries.rollup_table``):
+    everyone's sums by model, agent, provider, operation and day from the overall rollup (a
+    few rows a day); by user, or of one user, from the per-user rollup through its ``day``
+    index or its ``(user_id, day, ...)`` key; by task, or one user's by agent, from
+    ``usage_rollup_daily``. With ``cost_only`` the sums hold the cost alone (in
+    ``UsageSums.cost_pico_usd``; the rest are zero).
     """
-    per_row = user_id is not None or any(k in ("user", "task") for k in keys)
-    table: Any = (UsageRollupDaily if per_row else UsageRollupDailyOverall).__table__
-    c = table.c
+    by_user = user_id is not None or "user" in keys
+    c = rollup_table(by_task="task" in keys, by_user=by_user, by_agent="agent" in keys).c
     dims = [c[_COLUMNS[k]] for k in keys]
     names = ("cost_pico_usd",) if cost_only else SUM_FIELDS
     stmt = select(*dims, *(_sum(c[name], name) for name in names)).where(
@@ -181,7 +183,7 @@ def rollup_groups(
         stmt = stmt.where(c.user_id == user_id)
     if "task" in keys:
         stmt = stmt.where(c.task_id != "")
-    stmt = stmt.group_by(*dims)
+    stmt = stmt.group_by(*dims).having(func.sum(c.requests) != 0)
     width = len(keys)
     cost_at = SUM_FIELDS.index("cost_pico_usd")
     out: list[tuple[tuple[Any, ...], UsageSums]] = []
@@ -217,6 +219,7 @@ def spend_cells(
         )
         .where(r.day >= since_day, r.day < until_day)
         .group_by(r.day, r.user_id, r.task_id)
+        .having(func.sum(r.requests) != 0)
     )
     if user_id is not None:
         stmt = stmt.where(r.user_id == user_id)

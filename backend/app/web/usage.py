@@ -1,5 +1,5 @@
-"""The usage page: spend and calls grouped by user, model, agent or UTC day over a range of days,
-and the same table as CSV.
+"""The usage page: spend and calls grouped by user, model, agent, provider, operation (the OpenAI
+API called) or UTC day over a range of days, and the same table as CSV.
 
 A user's table covers their own calls only; an administrator's everyone's, or one user's. The
 figures are the usage reports' (``UsageSums`` from the rollups, p95 by the report's
@@ -26,7 +26,7 @@ from app.usage.report import MAX_DAYS, histogram_quantile
 from app.web import queries
 from app.web.cache import ClosedDaysCache
 
-GroupBy = Literal["day", "model", "agent", "user"]
+GroupBy = Literal["day", "model", "agent", "provider", "operation", "user"]
 GROUP_BYS: tuple[GroupBy, ...] = get_args(GroupBy)
 DEFAULT_DAYS = 30
 MAX_ROWS_SHOWN = 100  # the rest of the groups are summed in one row (the CSV has them all)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from app.core.migrations import upgrade_to_head
 from app.core.prepared import Tx
 from app.models import LLMUsage, UsageRollupDaily
 from app.simulator.server import SimulatorServer
-from app.tracking.db_worker import DbWorker
+from app.tracking.db_worker import DbWorker, batched
 from app.tracking.llm_client import AsyncLLMClient
 from app.tracking.record import UsageRecord
 from app.tracking.spool import UsageSpool
@@ -165,3 +167,35 @@ def test_the_checkpointer_moves_the_wal_into_the_database_file(tmp_path: Path) -
     engine.dispose()
 
     assert after > before + 100_000  # 300 rows of ~600 bytes, their indexes and rollups
+
+
+def test_calls_that_join_a_batch_run_their_items_together_once(
+    engine: Engine, tmp_path: Path
+) -> None:
+    worker = DbWorker(UsageWriter(engine, UsageSpool(tmp_path)))
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def runner(items: Sequence[Any]) -> list[Any]:
+        batches.append(list(items))
+        return [item * 10 if item != 3 else None for item in items]
+
+    def joined(item: int) -> Any:
+        try:
+            result = batched(runner, item)
+        except Exception:  # the caller's own handler never sees the join
+            return "caught"
+        return result if result is not None else f"alone {item}"
+
+    blocker = worker.call(gate.wait)  # holds the thread while the others queue behind it
+    futures = [worker.call(lambda i=i: joined(i)) for i in range(5)]
+    plain = worker.call(lambda: "plain")
+    gate.set()
+    blocker.result(timeout=10)
+    results = [f.result(timeout=10) for f in futures]
+    worker.close()
+
+    assert batches == [[0, 1, 2, 3, 4]]
+    assert results == [0, 10, 20, "alone 3", 40]
+    assert plain.result() == "plain"
+    assert batched(runner, 7) is None  # outside the worker: no batch, do it alone

@@ -157,7 +157,7 @@ def test_the_long_context_tier_starts_above_200k_prompt_tokens() -> None:
         book.quote("claude-sonnet-4-5", above).cost_usd
         == (200_001 * Decimal(6) + 100 * Decimal("22.50")) / M
     )
-    tiered = [r for _, r in book._rates.values() if isinstance(r, TieredPrice)]
+    tiered = [v[2] for v in book._rates.values() if isinstance(v[2], TieredPrice)]
     assert tiered and tiered[0].tiers[0][0] == 200_000  # served by the fast rates
 
 
@@ -261,6 +261,57 @@ def test_every_model_of_every_provider_costs_exactly_what_genai_prices_says() ->
                 )
                 checked += 1
     assert checked > 5000
-    fast = [rates for _, rates in book._rates.values() if rates is not None]
+    fast = [rates for _, _, rates, _ in book._rates.values() if rates is not None]
     assert len(fast) > 0.9 * len(book._rates)
     assert any(isinstance(rates, TieredPrice) for rates in fast)
+
+
+SERVICE_TIERS = ("flex", "priority", "default", "fast")
+
+
+def test_every_service_tier_price_costs_exactly_what_genai_prices_says() -> None:
+    """A call in a service tier (the response's ``service_tier``) is priced with genai-prices'
+    price for that tier, for every model that has one, and the tier is named in provenance."""
+    snapshot = data_snapshot.get_snapshot()
+    book = PriceBook()
+    cheaper = checked = 0
+    for provider in snapshot.providers:
+        for model in provider.models:
+            tiers = {
+                v.when["service_tier"]
+                for v in model.price_variants or ()
+                if set(v.when) == {"service_tier"}
+            }
+            for tier in sorted(tiers & set(SERVICE_TIERS)):
+                for usage in USAGES:
+                    try:
+                        exact = snapshot.calc(
+                            _gp_usage(usage),
+                            model.id,
+                            provider.id,
+                            None,
+                            PEAK,
+                            price_context={"service_tier": tier},
+                        ).total_price
+                        standard = snapshot.calc(
+                            _gp_usage(usage), model.id, provider.id, None, PEAK
+                        ).total_price
+                    except LookupError:
+                        continue
+                    quote = book.quote(
+                        model.id, usage, provider=provider.id, at=PEAK, service_tier=tier
+                    )
+                    assert quote.cost_usd == exact, (provider.id, model.id, tier, usage)
+                    assert quote.tier is not None and f"service_tier={tier}" in quote.tier
+                    cheaper += tier == "flex" and exact < standard
+                    checked += 1
+    assert checked > 100
+    assert cheaper > 10  # flex really is priced apart from the standard price
+
+
+def test_a_service_tier_the_model_has_no_price_for_is_priced_at_the_standard_price() -> None:
+    book = PriceBook()
+    usage = TokenUsage(1000, 100)
+    plain = book.quote("claude-sonnet-4-5", usage)
+    tiered = book.quote("claude-sonnet-4-5", usage, service_tier="flex")
+    assert (tiered.cost_usd, tiered.tier) == (plain.cost_usd, None)

@@ -12,6 +12,7 @@ from app.api.auth import AccessModeDep, require_metrics_token
 from app.api.deps import RuntimeDep
 from app.core.redaction import redact
 from app.observability import render_metrics
+from app.tracking.breaker import BreakerState, database_breaker
 
 router = APIRouter()
 
@@ -24,11 +25,15 @@ class HealthResponse(BaseModel):
     spool_pending: int
     opentelemetry: bool
     auth_mode: Literal["open", "keys"]
+    # "open": an outage was met; tracking spools rows and settlements without waiting for the
+    # database, and a background probe closes it when the database answers again.
+    database_breaker: BreakerState
 
 
 @router.get("/health", response_model=HealthResponse, tags=["service"])
 def health(runtime: RuntimeDep, auth_mode: AccessModeDep) -> HealthResponse:
     """Liveness with substance: is the database reachable, and where do LLM calls go."""
+    breaker = database_breaker(runtime.engine).state
     try:
         with runtime.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -36,13 +41,14 @@ def health(runtime: RuntimeDep, auth_mode: AccessModeDep) -> HealthResponse:
     except Exception:
         database = "unreachable"
     return HealthResponse(
-        status="ok" if database == "ok" else "degraded",
+        status="ok" if database == "ok" and breaker == "closed" else "degraded",
         database=database,
         llm_mode="simulator" if runtime.simulator is not None else "provider",
         llm_endpoint=redact(runtime.llm_endpoint, runtime.settings.secret_values),
         spool_pending=runtime.writer.spool.pending(),
         opentelemetry=runtime.settings.enable_opentelemetry,
         auth_mode=auth_mode,
+        database_breaker=breaker,
     )
 
 
@@ -52,7 +58,7 @@ def health(runtime: RuntimeDep, auth_mode: AccessModeDep) -> HealthResponse:
     response_class=Response,
     dependencies=[Depends(require_metrics_token)],
 )
-def metrics(accept: Annotated[str | None, Header()] = None) -> Response:
+def metrics(runtime: RuntimeDep, accept: Annotated[str | None, Header()] = None) -> Response:
     """Prometheus exposition; OpenMetrics (with trace-id exemplars) when the scraper asks."""
-    body, content_type = render_metrics(accept)
+    body, content_type = render_metrics(accept, runtime.settings.prometheus_multiproc_dir)
     return Response(content=body, media_type=content_type)

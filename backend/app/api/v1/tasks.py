@@ -32,6 +32,7 @@ from app.schemas.tasks import (
     TaskView,
 )
 from app.tasks import store as task_store
+from app.tasks.projection import project_task_cost
 from app.tasks.views import task_view
 
 router = APIRouter(prefix="/api/v1/task", tags=["tasks"])
@@ -115,10 +116,12 @@ def list_tasks(
 
 @router.get("/{task_id}", response_model=TaskView)
 def get_task(task_id: TaskId, principal: CurrentPrincipal, session: SessionDep) -> TaskView:
-    """Status, current step, attempts, cost so far, and at the end the result."""
+    """Status, current step, attempts, cost so far (and its projected final cost while the task
+    runs), and at the end the result."""
     task = task_store.get_visible_task(session, principal, task_id)
     spend = task_store.task_spend(session, [task.id]).get(task.id, (0, 0))
-    return task_view(task, spend, _status_url(task))
+    projection = project_task_cost(session, task, spend[0])
+    return task_view(task, spend, _status_url(task), projection)
 
 
 @router.post("/{task_id}/cancel", response_model=TaskView)

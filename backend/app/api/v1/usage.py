@@ -1,6 +1,6 @@
 """``/api/v1/usage``: what tasks, users and everyone spent, task metrics, and row export.
 
-Reports read the daily rollup; ``days`` windows are whole UTC days (see
+Reports read the daily rollups only; ``days`` windows are whole UTC days (see
 ``app.usage.report``). Costs are exact decimal strings.
 """
 
@@ -70,7 +70,8 @@ Now = Annotated[datetime, Depends(utc_now)]
 def get_task_usage(
     task_id: TaskId, session: SessionDep, principal: CurrentPrincipal
 ) -> TaskUsageResponse:
-    """Everything a task's calls cost, by model, UTC day and agent (all time).
+    """Everything a task's calls cost, by model, UTC day, agent, provider and operation (all
+    time).
 
     404 when no call was recorded for the task, and the same 404 unless you are an admin or the
     task's user.
@@ -86,7 +87,8 @@ def get_user_usage(
     now: Now,
     days: Annotated[int, _days(30), Days] = 30,
 ) -> UserUsageResponse:
-    """A user's calls over the last ``days`` UTC days, by model and day (yours, or admin)."""
+    """A user's calls over the last ``days`` UTC days, by model, day, provider and operation
+    (yours, or admin)."""
     return usage_report.user_usage(
         session, principal, user_id, usage_report.usage_window(days, now)
     )
@@ -99,7 +101,8 @@ def get_overall_usage(
     now: Now,
     days: Annotated[int, _days(7), Days] = 7,
 ) -> OverallUsageResponse:
-    """Every call over the last ``days`` UTC days, by model and day (admin)."""
+    """Every call over the last ``days`` UTC days, by model, day, provider and operation
+    (admin)."""
     return usage_report.overall_usage(session, usage_report.usage_window(days, now))
 
 

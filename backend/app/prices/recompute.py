@@ -1,0 +1,439 @@
+"""Reprice past ``llm_usage`` rows with the current prices, and everything summed from them.
+
+A run walks the rows of its scope (a time range, a model, a provider) in (timestamp, id) order,
+one batch per transaction. For each row the price book quotes the stored token counts again,
+at the row's own time, for its provider and service tier, exactly as the call was quoted when it
+was recorded (``usage_missing`` rows stay estimated, ``absurd_tokens`` rows stay unpriced;
+blocked calls and errors without usage cost nothing and are left alone). In the same
+transaction as the rows it changes, the batch applies the signed difference to
+
+- every usage rollup, through the writer's one door (``app.tracking.writer.apply_to_rollups``),
+- the budget counters that exist for the rows' task, user day, user month and global day
+  (``app.budgets.store.apply_counter_deltas``; the spend trigger of revision 0005 fires on
+  INSERT only, so an UPDATE here is booked once, by this code),
+- the ``cost_usd`` metric of each finished task and its day's ``task_metrics_daily`` row.
+
+Concurrent writes. Each batch's transaction first shuts out every other writer of the ledger:
+on PostgreSQL ``LOCK TABLE llm_usage IN SHARE ROW EXCLUSIVE MODE`` (it waits for the usage
+transactions in flight, which hold their rollup rows, and holds new ones back until the batch
+commits: so no lock cycle with them is possible, and two recomputes take turns); on SQLite the
+batch's first statement is a write, which takes the database's one write lock before the rows
+are read. Every row the batch reads therefore has its rollups and counters committed, and the
+difference it applies is from the row's committed cost: a call recorded during a run is priced
+once, by its writer, and repriced (from that price) only if the run reaches it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql
+
+from app.budgets.store import CounterKey, apply_counter_deltas
+from app.core.money import pico_to_usd, usd_to_pico
+from app.core.prepared import Tx, dialect_insert
+from app.models import (
+    BudgetCounter,
+    BudgetScope,
+    LLMUsage,
+    PriceRecompute,
+    PriceSourceRow,
+    TaskMetrics,
+    TaskMetricsDaily,
+    new_id,
+)
+from app.tasks.metrics_writer import COST_USD
+from app.tracking.price_table import PriceSource
+from app.tracking.pricing import PriceBook, TokenUsage
+from app.tracking.writer import apply_to_rollups, utc_day
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 2000
+_TASK_WINDOW = date(1970, 1, 1)
+_usage = cast(Table, LLMUsage.__table__)
+_audit = cast(Table, PriceRecompute.__table__)
+_counter = cast(Table, BudgetCounter.__table__)
+_u = _usage.c
+_READ = (
+    _u.id, _u.timestamp, _u.model, _u.provider, _u.operation, _u.user_id, _u.task_id, _u.agent,
+    _u.prompt_tokens, _u.completion_tokens, _u.cached_tokens, _u.reasoning_tokens,
+    _u.cost_pico_usd, _u.cost_status, _u.flags, _u.price_source, _u.price_entry, _u.price_tier,
+    _u.service_tier,
+)  # fmt: skip
+_PRICE_COLUMNS = ("cost_pico_usd", "cost_status", "price_source", "price_entry", "price_tier")
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeScope:
+    """The rows to reprice: ``[since, until)`` (timezone-aware), and a model and provider."""
+
+    until: datetime
+    since: datetime | None = None
+    model: str | None = None
+    provider: str | None = None
+
+
+@dataclass(slots=True)
+class Totals:
+    """What a run found, over the rows it examined."""
+
+    rows_examined: int = 0
+    rows_changed: int = 0
+    cost_before_pico: int = 0
+    cost_after_pico: int = 0
+    unpriced_before: int = 0
+    unpriced_after: int = 0
+    sources_before: Counter[str] = field(default_factory=Counter)
+    sources_after: Counter[str] = field(default_factory=Counter)
+
+    def audit_values(self) -> dict[str, Any]:
+        return {
+            "rows_examined": self.rows_examined,
+            "rows_changed": self.rows_changed,
+            "cost_before_pico_usd": self.cost_before_pico,
+            "cost_after_pico_usd": self.cost_after_pico,
+            "unpriced_before": self.unpriced_before,
+            "unpriced_after": self.unpriced_after,
+            "sources_before": json.dumps(dict(sorted(self.sources_before.items()))),
+            "sources_after": json.dumps(dict(sorted(self.sources_after.items()))),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One row's new price, and what it moves: the row's rollup key and counters."""
+
+    row: Any
+    values: dict[str, Any]  # _PRICE_COLUMNS
+    cost_delta: int
+    unpriced_delta: int
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def recompute_prices(
+    engine: Engine,
+    book: PriceBook,
+    scope: RecomputeScope,
+    *,
+    actor: str,
+    dry_run: bool = False,
+    batch_rows: int = BATCH_ROWS,
+) -> str:
+    """Reprice the rows of ``scope`` with ``book``; the id of the run's audit record.
+
+    ``dry_run`` changes nothing but the audit record, which then holds the totals before and
+    after. A run that fails midway leaves its committed batches (each complete and exact) and an
+    audit record marked ``failed``; running it again finishes the work.
+    """
+    run_id = _start(engine, book, scope, actor=actor, dry_run=dry_run)
+    totals = Totals()
+    try:
+        cursor: tuple[datetime, str] | None = None
+        while True:
+            with engine.begin() as conn:
+                cursor = _batch(conn, book, scope, cursor, totals, run_id, dry_run, batch_rows)
+            if cursor is None:
+                break
+    except Exception as exc:
+        _finish(engine, run_id, totals, "failed", f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    _finish(engine, run_id, totals, "done")
+    return run_id
+
+
+def _start(
+    engine: Engine, book: PriceBook, scope: RecomputeScope, *, actor: str, dry_run: bool
+) -> str:
+    now = datetime.now(UTC)
+    run_id = new_id()
+    with engine.begin() as conn:
+        record_price_sources(conn, book.sources, now)
+        conn.execute(
+            _audit.insert().values(
+                id=run_id,
+                actor=actor[:100],
+                started_at=now,
+                status="running",
+                dry_run=dry_run,
+                since=scope.since,
+                until=scope.until,
+                model=scope.model,
+                provider=scope.provider,
+                price_sources=json.dumps([source.ref for source in book.sources]),
+                **Totals().audit_values(),
+            )
+        )
+    return run_id
+
+
+def _finish(
+    engine: Engine, run_id: str, totals: Totals, status: str, error: str | None = None
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(_audit)
+            .where(_audit.c.id == run_id)
+            .values(
+                status=status, error=error, finished_at=datetime.now(UTC), **totals.audit_values()
+            )
+        )
+
+
+def record_price_sources(conn: Connection, sources: Iterable[PriceSource], now: datetime) -> None:
+    """Describe each source in ``price_source`` (once: a known reference is left as it is)."""
+    table = cast(Table, PriceSourceRow.__table__)
+    rows = [
+        {"ref": s.ref, "kind": s.kind, "version": s.version, "detail": s.detail, "first_seen": now}
+        for s in sources
+    ]
+    if rows:
+        insert = dialect_insert(conn.dialect.name)(table)
+        conn.execute(insert.on_conflict_do_nothing(index_elements=["ref"]), rows)
+
+
+# -- one batch -------------------------------------------------------------------------------
+
+
+def _batch(
+    conn: Connection,
+    book: PriceBook,
+    scope: RecomputeScope,
+    cursor: tuple[datetime, str] | None,
+    totals: Totals,
+    run_id: str,
+    dry_run: bool,
+    batch_rows: int,
+) -> tuple[datetime, str] | None:
+    """Reprice the next batch after ``cursor``; the new cursor, or None when none is left."""
+    if not dry_run:
+        _shut_out_writers(conn, run_id)
+    rows = conn.execute(_select(scope, cursor, batch_rows)).all()
+    if not rows:
+        return None
+    changes = [change for row in rows if (change := _reprice(book, row, totals)) is not None]
+    if changes and not dry_run:
+        _write_rows(conn, changes)
+        _apply_rollups(conn, changes)
+        _apply_counters(conn, changes)
+        _apply_task_metrics(conn, changes)
+        conn.execute(update(_audit).where(_audit.c.id == run_id).values(**totals.audit_values()))
+    last = rows[-1]
+    return (last.timestamp, last.id) if len(rows) == batch_rows else None
+
+
+def _shut_out_writers(conn: Connection, run_id: str) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("LOCK TABLE llm_usage IN SHARE ROW EXCLUSIVE MODE"))
+    else:  # a write first: SQLite's write lock, held to the commit, before any row is read
+        conn.execute(update(_audit).where(_audit.c.id == run_id).values(status="running"))
+
+
+def _select(scope: RecomputeScope, cursor: tuple[datetime, str] | None, limit: int) -> Any:
+    # Rows whose cost comes from tokens: successes, and errors that reported usage or output.
+    costed = or_(_u.status == "success", and_(_u.status == "error", _u.is_partial.is_(True)))
+    where = [costed, _u.timestamp < scope.until]
+    if scope.since is not None:
+        where.append(_u.timestamp >= scope.since)
+    if scope.model is not None:
+        where.append(_u.model == scope.model)
+    if scope.provider is not None:
+        where.append(_u.provider == scope.provider)
+    if cursor is not None:
+        at, last_id = cursor
+        where += [_u.timestamp >= at, or_(_u.timestamp > at, _u.id > last_id)]
+    return select(*_READ).where(*where).order_by(_u.timestamp, _u.id).limit(limit)
+
+
+def _reprice(book: PriceBook, row: Any, totals: Totals) -> _Change | None:
+    """Count the row in ``totals``; its change, or None when its price stays as it is.
+
+    Positional reads (``_READ``'s order): this runs once per row of the ledger."""
+    flags = row[14] or ""
+    old: tuple[Any, ...] = (row[12], row[13], row[15], row[16], row[17])  # _PRICE_COLUMNS
+    new = old
+    if "absurd_tokens" not in flags:  # counts the live path refused to price
+        quote = book.quote(
+            row[2],
+            TokenUsage(row[8], row[9], row[10], row[11]),
+            estimated="usage_missing" in flags,
+            provider=row[3],
+            at=row[1],
+            service_tier=row[18],
+        )
+        if quote.status == "unpriced":
+            new = (0, "unpriced", None, None, None)
+        else:
+            new = (usd_to_pico(quote.cost_usd), quote.status, quote.ref, quote.entry, quote.tier)
+    totals.rows_examined += 1
+    totals.cost_before_pico += old[0]
+    totals.cost_after_pico += new[0]
+    was_unpriced, is_unpriced = old[1] == "unpriced", new[1] == "unpriced"
+    totals.unpriced_before += was_unpriced
+    totals.unpriced_after += is_unpriced
+    totals.sources_before[old[2] or "none"] += 1
+    totals.sources_after[new[2] or "none"] += 1
+    if new == old:
+        return None
+    totals.rows_changed += 1
+    values = dict(zip(_PRICE_COLUMNS, new, strict=True))
+    return _Change(row, values, new[0] - old[0], int(is_unpriced) - int(was_unpriced))
+
+
+def _write_rows(conn: Connection, changes: Sequence[_Change]) -> None:
+    if conn.dialect.name == "postgresql":
+        # One statement for the batch: the new values as arrays, joined to the rows by id.
+        columns = ("id", *_PRICE_COLUMNS)
+        arrays: dict[str, list[Any]] = {name: [] for name in columns}
+        for change in changes:
+            arrays["id"].append(change.row.id)
+            for name in _PRICE_COLUMNS:
+                arrays[name].append(change.values[name])
+        conn.execute(
+            text(
+                "UPDATE llm_usage AS u SET cost_pico_usd = v.cost_pico_usd, "
+                "cost_status = v.cost_status, price_source = v.price_source, "
+                "price_entry = v.price_entry, price_tier = v.price_tier "
+                "FROM unnest(:id, :cost_pico_usd, :cost_status, :price_source, :price_entry, "
+                ":price_tier) AS v(id, cost_pico_usd, cost_status, price_source, price_entry, "
+                "price_tier) WHERE u.id = v.id"
+            ).bindparams(
+                bindparam("id", type_=postgresql.ARRAY(_u.id.type)),
+                bindparam("cost_pico_usd", type_=postgresql.ARRAY(_u.cost_pico_usd.type)),
+                *(
+                    bindparam(name, type_=postgresql.ARRAY(_u[name].type))
+                    for name in ("cost_status", "price_source", "price_entry", "price_tier")
+                ),
+            ),
+            arrays,
+        )
+        return
+    conn.execute(
+        update(_usage).where(_u.id == bindparam("row_id")),
+        [{"row_id": change.row.id, **change.values} for change in changes],
+    )
+
+
+def _apply_rollups(conn: Connection, changes: Sequence[_Change]) -> None:
+    """The rows' differences summed per rollup key, applied in key order."""
+    deltas: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
+    for change in changes:
+        row = change.row
+        key = (
+            utc_day(row.timestamp), row.user_id or "", row.task_id or "", row.model,
+            row.agent or "", row.provider, row.operation,
+        )  # fmt: skip
+        delta = deltas[key]
+        delta[0] += change.cost_delta
+        delta[1] += change.unpriced_delta
+    tx = Tx.of(conn)
+    for key in sorted(deltas):
+        cost, unpriced = deltas[key]
+        if cost or unpriced:
+            day, user_id, task_id, model, agent, provider, operation = key
+            apply_to_rollups(
+                tx,
+                {
+                    "day": day, "user_id": user_id, "task_id": task_id, "model": model,
+                    "agent": agent, "provider": provider, "operation": operation,
+                    "cost_pico_usd": cost, "unpriced_calls": unpriced,
+                },
+            )  # fmt: skip
+
+
+def _apply_counters(conn: Connection, changes: Sequence[_Change]) -> None:
+    """The spend differences on the counters the spend trigger books a new row on."""
+    per_call: Counter[tuple[str | None, str | None, date]] = Counter()
+    for change in changes:
+        if change.cost_delta:
+            row = change.row
+            per_call[(row.task_id, row.user_id, utc_day(row.timestamp))] += change.cost_delta
+    deltas: Counter[CounterKey] = Counter()
+    for (task_id, user_id, day), delta in per_call.items():
+        deltas[CounterKey(BudgetScope.GLOBAL_DAILY, "", day)] += delta
+        if task_id:
+            deltas[CounterKey(BudgetScope.TASK, task_id, _TASK_WINDOW)] += delta
+        if user_id:
+            deltas[CounterKey(BudgetScope.USER_DAILY, user_id, day)] += delta
+            deltas[CounterKey(BudgetScope.USER_MONTHLY, user_id, day.replace(day=1))] += delta
+    # Only the counters that exist (few: a window gets one once a limit applies to it), found
+    # in one read. None can appear before the commit: a counter is seeded only after taking
+    # a lock this batch's own lock (or SQLite's write lock) excludes.
+    subjects = sorted({key.subject_id for key in deltas})
+    existing = {
+        (scope, subject, window)
+        for scope, subject, window in conn.execute(
+            select(_counter.c.scope, _counter.c.subject_id, _counter.c.window_start).where(
+                _counter.c.subject_id.in_(subjects)
+            )
+        )
+    }
+    moves = {
+        key: (delta, 0)
+        for key, delta in deltas.items()
+        if delta and (key.scope.value, key.subject_id, key.window_start) in existing
+    }
+    if moves:
+        apply_counter_deltas(Tx.of(conn), moves, datetime.now(UTC))
+
+
+_METRIC_ID: Any = bindparam("metric_id")
+
+
+def _apply_task_metrics(conn: Connection, changes: Sequence[_Change]) -> None:
+    """A finished task's ``cost_usd`` metric and its day's rollup, moved by its difference."""
+    per_task: Counter[str] = Counter()
+    for change in changes:
+        if change.row.task_id and change.cost_delta:
+            per_task[change.row.task_id] += change.cost_delta
+    if not per_task:
+        return
+    metrics_table = cast(Table, TaskMetrics.__table__)
+    metrics = metrics_table.c
+    daily = cast(Table, TaskMetricsDaily.__table__)
+    found = conn.execute(
+        select(metrics.id, metrics.task_id, metrics.metric_value, metrics.timestamp)
+        .where(metrics.metric_name == COST_USD, metrics.task_id.in_(sorted(per_task)))
+        .order_by(metrics.task_id)
+    ).all()
+    if not found:
+        return
+    per_day: Counter[date] = Counter()
+    moved = []
+    for metric_id, task_id, value, stamp in found:
+        delta = per_task[task_id]
+        new_value = Decimal(str(value)) + pico_to_usd(delta)
+        moved.append({"metric_id": metric_id, "metric_value": new_value})
+        per_day[utc_day(stamp)] += delta
+    conn.execute(
+        update(metrics_table)
+        .where(metrics.id == _METRIC_ID)
+        .values(metric_value=bindparam("metric_value", type_=metrics.metric_value.type)),
+        moved,
+    )
+    for day in sorted(per_day):
+        conn.execute(
+            update(daily)
+            .where(daily.c.day == day)
+            .values(cost_pico_usd=daily.c.cost_pico_usd + per_day[day])
+        )

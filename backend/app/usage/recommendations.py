@@ -1,0 +1,421 @@
+"""Where the money goes to waste, with the figures behind each finding.
+
+``build_recommendations`` reads one window of whole UTC days, for one user or for everyone:
+
+- **waste**, from the ledger rows: the spend of failed calls (``status = error``), of truncated
+  answers (``finish_reason = length``), of calls the SDK had to retry (``attempts > 1``), and how
+  many calls a budget blocked (they cost nothing, but the work that needed them did not happen);
+- **cache**, from the daily rollups: cached prompt tokens over prompt tokens, per model;
+- **tasks by model** and **by agent and model**, from the finished tasks (by ``finished_at``)
+  and their spend: success rate and the **cost per fixed bug** (spend of succeeded tasks over
+  their number), the spend of failed tasks beside it, and the all-in cost per fixed bug (all
+  the spend over the fixed bugs: what a fixed bug costs once failures are paid for). Cancelled
+  tasks are left out of both (their owner stopped them);
+- **a cheaper model**, per repository and over all of them: model B is named beside model A
+  when both finished at least ``RECOMMENDATION_MIN_TASKS`` tasks there, B's all-in cost per
+  fixed bug is lower, and B's success rate is not below A's by more than the one-sided 95 %
+  sampling margin of the difference (so "as often" is said only where the samples support it;
+  the sample sizes are in the figures).
+
+Each finding is a ``Recommendation``: a kind, a sentence, its figures and, where it can be
+counted, the spend it would have saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, Connection, case, cast, func, select
+
+from app.core.money import pico_to_usd
+from app.models import LLMUsage, Task, UsageRollupDaily
+from app.usage.queries import UsageSums, rollup_usage_groups
+
+SUCCEEDED = "succeeded"
+FAILED = ("failed", "budget_exceeded", "error")
+Z_95_ONE_SIDED = 1.6449
+LOW_CACHE_RATIO = 0.2
+LOW_CACHE_MIN_PROMPT_TOKENS = 100_000
+WASTE_SHARE = Decimal("0.05")  # a kind of waste is named once it is 5 % of the spend
+ALL_REPOSITORIES = "*"
+_USD = Decimal("0.000001")
+
+
+@dataclass(frozen=True, slots=True)
+class Waste:
+    requests: int = 0
+    spend_pico: int = 0
+    failed_calls: int = 0
+    failed_pico: int = 0
+    truncated_calls: int = 0
+    truncated_pico: int = 0
+    retried_calls: int = 0
+    extra_attempts: int = 0
+    retried_pico: int = 0
+    blocked_calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUse:
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def hit_ratio(self) -> float | None:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+
+@dataclass(slots=True)
+class TaskOutcomes:
+    """Finished tasks of one group: how many succeeded or failed and what each side spent."""
+
+    succeeded: int = 0
+    failed: int = 0
+    succeeded_pico: int = 0
+    failed_pico: int = 0
+
+    @property
+    def tasks(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.succeeded / self.tasks if self.tasks else None
+
+    @property
+    def cost_per_fixed_bug(self) -> Decimal | None:
+        return _per(self.succeeded_pico, self.succeeded)
+
+    @property
+    def all_in_cost_per_fixed_bug(self) -> Decimal | None:
+        return _per(self.succeeded_pico + self.failed_pico, self.succeeded)
+
+    def add(self, status: str, tasks: int, pico: int) -> None:
+        if status == SUCCEEDED:
+            self.succeeded += tasks
+            self.succeeded_pico += pico
+        else:
+            self.failed += tasks
+            self.failed_pico += pico
+
+
+def _per(pico: int, count: int) -> Decimal | None:
+    return (pico_to_usd(pico) / count).quantize(_USD) if count else None
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    kind: str
+    message: str
+    figures: dict[str, Any]
+    estimated_savings_usd: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    user_id: str | None
+    since: date
+    until: date  # inclusive
+    waste: Waste
+    cache: list[CacheUse]
+    models: dict[str, TaskOutcomes]
+    agents: dict[tuple[str, str], TaskOutcomes]
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+def _count_if(condition: Any, value: Any = 1) -> Any:
+    return cast(func.coalesce(func.sum(case((condition, value), else_=0)), 0), BigInteger)
+
+
+def read_waste(conn: Connection, user_id: str | None, start: datetime, end: datetime) -> Waste:
+    """The waste figures of the calls made in ``[start, end)``."""
+    u = LLMUsage
+    query = select(
+        cast(func.count(), BigInteger),
+        cast(func.coalesce(func.sum(u.cost_pico_usd), 0), BigInteger),
+        _count_if(u.status == "error"),
+        _count_if(u.status == "error", u.cost_pico_usd),
+        _count_if(u.finish_reason == "length"),
+        _count_if(u.finish_reason == "length", u.cost_pico_usd),
+        _count_if(u.attempts > 1),
+        _count_if(u.attempts > 1, u.attempts - 1),
+        _count_if(u.attempts > 1, u.cost_pico_usd),
+        _count_if(u.status == "blocked"),
+    ).where(u.timestamp >= start, u.timestamp < end)
+    if user_id is not None:
+        query = query.where(u.user_id == user_id)
+    return Waste(*(int(v or 0) for v in conn.execute(query).one()))
+
+
+def read_cache_use(
+    conn: Connection, user_id: str | None, since: date, until: date
+) -> list[CacheUse]:
+    """Prompt and cached prompt tokens per model, from the daily rollups."""
+    by_model: dict[str, list[UsageSums]] = defaultdict(list)
+    for group in rollup_usage_groups(
+        conn, user_id=user_id, since_day=since, until_day=until + timedelta(days=1), by_agent=False
+    ):
+        by_model[group.model].append(group.sums)
+    uses = []
+    for model, parts in sorted(by_model.items()):
+        counts = UsageSums.total(parts).counts()
+        uses.append(CacheUse(model, counts["prompt_tokens"], counts["cached_tokens"]))
+    return uses
+
+
+def _task_filter(user_id: str | None, start: datetime, end: datetime) -> list[Any]:
+    conditions = [
+        Task.finished_at >= start,
+        Task.finished_at < end,
+        Task.status.in_((SUCCEEDED, *FAILED)),
+    ]
+    if user_id is not None:
+        conditions.append(Task.user_id == user_id)
+    return conditions
+
+
+def read_task_outcomes(
+    conn: Connection, user_id: str | None, start: datetime, end: datetime
+) -> dict[tuple[str, str], TaskOutcomes]:
+    """Finished tasks per (repository, model), with their spend (from the daily rollup)."""
+    r = UsageRollupDaily
+    query = (
+        select(
+            Task.repo_url,
+            Task.model,
+            Task.status,
+            cast(func.count(func.distinct(Task.id)), BigInteger),
+            cast(func.coalesce(func.sum(r.cost_pico_usd), 0), BigInteger),
+        )
+        .select_from(Task)
+        .outerjoin(r, r.task_id == Task.id)
+        .where(*_task_filter(user_id, start, end))
+        .group_by(Task.repo_url, Task.model, Task.status)
+    )
+    found: dict[tuple[str, str], TaskOutcomes] = defaultdict(TaskOutcomes)
+    for repo, model, status, tasks, pico in conn.execute(query).all():
+        found[(str(repo), str(model))].add(str(status), int(tasks), int(pico))
+    return dict(found)
+
+
+def read_agent_outcomes(
+    conn: Connection, user_id: str | None, start: datetime, end: datetime
+) -> dict[tuple[str, str], TaskOutcomes]:
+    """Per (agent, model the agent called): the finished tasks it worked on and its spend."""
+    r = UsageRollupDaily
+    query = (
+        select(
+            r.agent,
+            r.model,
+            Task.status,
+            cast(func.count(func.distinct(Task.id)), BigInteger),
+            cast(func.coalesce(func.sum(r.cost_pico_usd), 0), BigInteger),
+        )
+        .select_from(Task)
+        .join(r, r.task_id == Task.id)
+        .where(*_task_filter(user_id, start, end))
+        .group_by(r.agent, r.model, Task.status)
+    )
+    found: dict[tuple[str, str], TaskOutcomes] = defaultdict(TaskOutcomes)
+    for agent, model, status, tasks, pico in conn.execute(query).all():
+        found[(str(agent) or "(none)", str(model))].add(str(status), int(tasks), int(pico))
+    return dict(found)
+
+
+# -- findings -----------------------------------------------------------------------------------
+
+
+def _usd(pico: int) -> Decimal:
+    return pico_to_usd(pico)
+
+
+def waste_findings(waste: Waste) -> list[Recommendation]:
+    """A finding for each kind of waste that is at least ``WASTE_SHARE`` of the spend."""
+    found: list[Recommendation] = []
+    if waste.spend_pico <= 0:
+        return found
+    total = Decimal(waste.spend_pico)
+    kinds = (
+        ("failed_calls", waste.failed_calls, waste.failed_pico,
+         "calls that ended in an error still cost"),
+        ("truncated_answers", waste.truncated_calls, waste.truncated_pico,
+         "answers cut at max_tokens (finish_reason=length) cost; raise max_tokens or ask for "
+         "less"),
+        ("retried_calls", waste.retried_calls, waste.retried_pico,
+         "calls the client had to retry cost"),
+    )  # fmt: skip
+    for kind, calls, pico, what in kinds:
+        if calls and Decimal(pico) / total >= WASTE_SHARE:
+            share = Decimal(pico) / total
+            found.append(
+                Recommendation(
+                    kind=kind,
+                    message=f"{calls} {what} ${_usd(pico)}, {share:.1%} of the spend.",
+                    figures={
+                        "calls": calls,
+                        "spend_usd": _usd(pico),
+                        "share_of_spend": round(float(share), 4),
+                        "total_spend_usd": _usd(waste.spend_pico),
+                        "extra_attempts": waste.extra_attempts if kind == "retried_calls" else None,
+                    },
+                    estimated_savings_usd=_usd(pico) if kind == "failed_calls" else None,
+                )
+            )
+    if (
+        waste.blocked_calls
+        and waste.requests
+        and (Decimal(waste.blocked_calls) / waste.requests >= WASTE_SHARE)
+    ):
+        share = Decimal(waste.blocked_calls) / waste.requests
+        found.append(
+            Recommendation(
+                kind="blocked_calls",
+                message=(
+                    f"{waste.blocked_calls} calls ({share:.1%}) were blocked by a budget: the "
+                    "work that needed them stopped. Raise the limit or lower the task's cost."
+                ),
+                figures={"calls": waste.blocked_calls, "requests": waste.requests},
+            )
+        )
+    return found
+
+
+def cache_findings(uses: Iterable[CacheUse]) -> list[Recommendation]:
+    found = []
+    for use in uses:
+        ratio = use.hit_ratio
+        if ratio is None or use.prompt_tokens < LOW_CACHE_MIN_PROMPT_TOKENS:
+            continue
+        if ratio < LOW_CACHE_RATIO:
+            found.append(
+                Recommendation(
+                    kind="low_cache_hit",
+                    message=(
+                        f"Only {ratio:.1%} of {use.prompt_tokens} prompt tokens to {use.model} "
+                        "were served from the provider's cache: put the stable part of the "
+                        "prompt (instructions, repository map) first and keep it unchanged."
+                    ),
+                    figures={
+                        "model": use.model,
+                        "prompt_tokens": use.prompt_tokens,
+                        "cached_tokens": use.cached_tokens,
+                        "hit_ratio": round(ratio, 4),
+                    },
+                )
+            )
+    return found
+
+
+def not_worse(candidate: TaskOutcomes, incumbent: TaskOutcomes) -> bool:
+    """The candidate's success rate is not below the incumbent's by more than the one-sided
+    95 % sampling margin of the difference of the two rates."""
+    p1, n1 = incumbent.success_rate or 0.0, incumbent.tasks
+    p2, n2 = candidate.success_rate or 0.0, candidate.tasks
+    # Pooled variance, so two perfect (or two hopeless) records still have a margin.
+    pooled = (incumbent.succeeded + candidate.succeeded) / (n1 + n2)
+    margin = Z_95_ONE_SIDED * math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return p2 >= p1 - margin
+
+
+def cheaper_model_findings(
+    outcomes: dict[tuple[str, str], TaskOutcomes], min_tasks: int
+) -> list[Recommendation]:
+    """Per repository (and over all), a cheaper model that fixed as often, when there is one."""
+    by_repo: dict[str, dict[str, TaskOutcomes]] = defaultdict(dict)
+    overall: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)
+    for (repo, model), result in outcomes.items():
+        by_repo[repo][model] = result
+        total = overall[model]
+        total.add(SUCCEEDED, result.succeeded, result.succeeded_pico)
+        total.add("failed", result.failed, result.failed_pico)
+    by_repo[ALL_REPOSITORIES] = dict(overall)
+    found = []
+    for repo, models in sorted(by_repo.items()):
+        eligible = {
+            m: (o, cost)
+            for m, o in models.items()
+            if o.tasks >= min_tasks and (cost := o.all_in_cost_per_fixed_bug) is not None
+        }
+        for model, (incumbent, cost) in sorted(eligible.items()):
+            options = [
+                (other_cost, other, candidate)
+                for other, (candidate, other_cost) in eligible.items()
+                if other != model and other_cost < cost and not_worse(candidate, incumbent)
+            ]
+            if options:
+                cheaper, other, candidate = min(options, key=lambda o: (o[0], o[1]))
+                finding = _cheaper_model(repo, model, incumbent, cost, other, candidate, cheaper)
+                found.append(finding)
+    return found
+
+
+def _cheaper_model(
+    repo: str,
+    model: str,
+    incumbent: TaskOutcomes,
+    cost: Decimal,
+    other: str,
+    candidate: TaskOutcomes,
+    cheaper: Decimal,
+) -> Recommendation:
+    where = "all repositories" if repo == ALL_REPOSITORIES else repo
+    saving = ((cost - cheaper) * incumbent.succeeded).quantize(_USD)
+    return Recommendation(
+        kind="cheaper_model",
+        message=(
+            f"On {where}, {other} fixed {candidate.succeeded} of {candidate.tasks} tasks at "
+            f"${cheaper} per fixed bug; {model} fixed {incumbent.succeeded} of "
+            f"{incumbent.tasks} at ${cost}. {other} fixes as often within the samples' margin."
+        ),
+        figures={
+            "repository": None if repo == ALL_REPOSITORIES else repo,
+            "model": model,
+            "model_tasks": incumbent.tasks,
+            "model_succeeded": incumbent.succeeded,
+            "model_cost_per_fixed_bug_usd": cost,
+            "cheaper_model": other,
+            "cheaper_model_tasks": candidate.tasks,
+            "cheaper_model_succeeded": candidate.succeeded,
+            "cheaper_model_cost_per_fixed_bug_usd": cheaper,
+        },
+        estimated_savings_usd=saving,
+    )
+
+
+def window_bounds(today: date, days: int) -> tuple[date, date, datetime, datetime]:
+    """The window's first and last day and its [start, end) instants."""
+    since = today - timedelta(days=days - 1)
+    start = datetime.combine(since, time.min, tzinfo=UTC)
+    end = datetime.combine(today + timedelta(days=1), time.min, tzinfo=UTC)
+    return since, today, start, end
+
+
+def build_recommendations(
+    conn: Connection, user_id: str | None, now: datetime, days: int, min_tasks: int
+) -> Report:
+    """Everything above for ``user_id`` (None: everyone) over the ``days`` UTC days to ``now``."""
+    since, until, start, end = window_bounds(now.astimezone(UTC).date(), days)
+    waste = read_waste(conn, user_id, start, end)
+    cache = read_cache_use(conn, user_id, since, until)
+    outcomes = read_task_outcomes(conn, user_id, start, end)
+    models: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)
+    for (_repo, model), result in outcomes.items():
+        models[model].add(SUCCEEDED, result.succeeded, result.succeeded_pico)
+        models[model].add("failed", result.failed, result.failed_pico)
+    agents = read_agent_outcomes(conn, user_id, start, end)
+    findings = [
+        *waste_findings(waste),
+        *cache_findings(cache),
+        *cheaper_model_findings(outcomes, min_tasks),
+    ]
+    return Report(user_id, since, until, waste, cache, dict(models), agents, findings)
