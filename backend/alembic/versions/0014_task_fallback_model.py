@@ -1,4 +1,4 @@
-"""tasks: a cheaper fallback model, and when the task switched to it
+"""tasks: a cheaper fallback model, when the task switched to it; indexes for similar tasks
 
 Revision ID: 0014
 Revises: 0009
@@ -6,7 +6,8 @@ Create Date: 2026-11-30
 
 Written by hand. Two nullable columns: tasks submitted before this revision have no fallback
 and never switched. Plain ADD/DROP COLUMN (SQLite does both in place since 3.35), so no batch
-copy of ``tasks`` is needed.
+copy of ``tasks`` is needed. The two indexes serve a running task's projected cost
+(``app.tasks.projection``): the latest finished tasks of a repository and model, or of a model.
 """
 
 from collections.abc import Sequence
@@ -31,8 +32,14 @@ def upgrade() -> None:
         ),
     )
     op.add_column("tasks", sa.Column("model_switched_at", sa.DateTime(timezone=True)))
+    op.create_index(
+        "ix_tasks_repo_url_model_finished_at", "tasks", ["repo_url", "model", "finished_at"]
+    )
+    op.create_index("ix_tasks_model_finished_at", "tasks", ["model", "finished_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tasks_model_finished_at", table_name="tasks")
+    op.drop_index("ix_tasks_repo_url_model_finished_at", table_name="tasks")
     op.drop_column("tasks", "model_switched_at")
     op.drop_column("tasks", "fallback_model")

@@ -91,6 +91,9 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_status_created_at", "status", "created_at"),
         Index("ix_tasks_user_id_created_at", "user_id", "created_at"),
+        # Finished tasks like a running one (app.tasks.projection), newest first.
+        Index("ix_tasks_repo_url_model_finished_at", "repo_url", "model", "finished_at"),
+        Index("ix_tasks_model_finished_at", "model", "finished_at"),
     )
 
 

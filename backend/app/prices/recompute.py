@@ -46,6 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.budgets.store import CounterKey, apply_counter_deltas
 from app.core.money import pico_to_usd, usd_to_pico
@@ -198,6 +199,17 @@ def _finish(
                 status=status, error=error, finished_at=datetime.now(UTC), **totals.audit_values()
             )
         )
+
+
+def describe_price_sources(engine: Engine, book: PriceBook) -> None:
+    """Describe the book's sources in ``price_source`` at start, so the references on the rows
+    it prices can be looked up; best effort (a database not yet reachable or migrated is left
+    to the next start or the next recompute, which records them too)."""
+    try:
+        with engine.begin() as conn:
+            record_price_sources(conn, book.sources, datetime.now(UTC))
+    except SQLAlchemyError as exc:
+        logger.warning("Could not record the price sources: %s", exc)
 
 
 def record_price_sources(conn: Connection, sources: Iterable[PriceSource], now: datetime) -> None:
