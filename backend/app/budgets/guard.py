@@ -651,9 +651,10 @@ class DatabaseBudgetGuard:
             for key in plan.keys:
                 by_key.setdefault(key, []).append(plan)
         for key in sorted(by_key, key=lambda k: k.lock_order):
-            for plan in by_key[key]:
-                if plan.outcome is not None:
-                    continue
+            alive = [plan for plan in by_key[key] if plan.outcome is None]
+            if len(alive) > 1 and self._take_together(tx, key, alive):
+                continue
+            for plan in alive:
                 assert plan.limits is not None
                 limit = plan.limits[key.scope].limit_pico
                 try:
@@ -680,6 +681,23 @@ class DatabaseBudgetGuard:
                     key_of(context),
                 )
                 store.insert_reservation(tx, row, created_at=now, expires_at=now + self._ttl)
+
+    @staticmethod
+    def _take_together(tx: Tx, key: CounterKey, plans: list[_Plan]) -> bool:
+        """All the plans' amounts on ``key`` in one conditional UPDATE, if their sum fits (then
+        each would have fitted on its own); False: take them one by one."""
+        limits = {plan.limits[key.scope].limit_pico for plan in plans if plan.limits is not None}
+        if len(limits) != 1 or any(plan.amount <= 0 for plan in plans):
+            return False  # limits read apart disagree, or unpriced calls (their own rule)
+        total = sum(plan.amount for plan in plans)
+        try:
+            if not store.try_reserve(tx, key, total, limits.pop(), plans[0].call.now):
+                return False
+        except store.CounterMissing:
+            return False
+        for plan in plans:
+            plan.taken.append(key)
+        return True
 
     @staticmethod
     def _exceeded(
@@ -745,9 +763,7 @@ class DatabaseBudgetGuard:
                 expired = store.delete_expired_reservations(conn, now, SWEEP_BATCH)
                 deltas: dict[CounterKey, tuple[int, int]] = {}
                 for row in expired:
-                    for key in counter_keys(
-                        row.task_id, row.user_id, row.window_day, row.key_id
-                    ):
+                    for key in counter_keys(row.task_id, row.user_id, row.window_day, row.key_id):
                         deltas[key] = (0, deltas.get(key, (0, 0))[1] - row.amount_pico)
                 store.apply_counter_deltas(Tx.of(conn), deltas, now)
             if expired:

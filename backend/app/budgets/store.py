@@ -449,9 +449,7 @@ def prune_counters(
         if scope is not BudgetScope.TASK
     ]
     held = select(_reservation.c.id).where(_reservation.c.task_id == _c.subject_id).exists()
-    idle_task = and_(
-        _c.scope == BudgetScope.TASK.value, _c.updated_at < task_idle_before, ~held
-    )
+    idle_task = and_(_c.scope == BudgetScope.TASK.value, _c.updated_at < task_idle_before, ~held)
     return int(conn.execute(delete(_counter).where(or_(*closed, idle_task))).rowcount)
 
 

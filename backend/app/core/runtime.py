@@ -24,6 +24,7 @@ from app.budgets.guard import DatabaseBudgetGuard, replay_settlement
 from app.core.config import Settings, get_settings
 from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
 from app.core.prepared import write_gate
+from app.prices.recompute import describe_price_sources
 from app.tracking.breaker import database_breaker, engine_timeouts
 from app.tracking.db_worker import DbWorker
 from app.tracking.pricing import PriceBook
@@ -151,6 +152,7 @@ class Runtime:
             llm_endpoint=base_url,
             simulator=simulator,
         )
+        describe_price_sources(engine, price_book)  # the refs its rows will carry
         if settings.budget_enforcement:
             runtime.budget_guard = DatabaseBudgetGuard(engine, settings, runtime.price_book)
         if start_background:

@@ -14,7 +14,6 @@ from typing import Any
 
 import openai
 import pytest
-from sqlalchemy import event
 
 from app.core.config import Settings
 from app.core.errors import BudgetExceededError
@@ -124,47 +123,6 @@ def test_batches_threads_and_sync_calls_together_never_pass_the_cap(
     final = counter(runtime, BudgetScope.USER_DAILY, "capped")
     assert (final.spent_pico, final.reserved_pico) == (CAP_CALLS * cost, 0)
     assert open_reservations(runtime) == 0
-
-
-def test_reservations_queued_together_take_one_transaction(
-    sqlite_url: str, sim: SimulatorServer, tmp_path: Path
-) -> None:
-    # SQLite's own trace of the statements each connection runs tells which transactions
-    # inserted reservations: before batching, one per call.
-    settings = make_settings(
-        sqlite_url, sim.base_url, tmp_path, price_overrides=PRICES, budget_user_daily_usd=1000
-    )
-    runtime = Runtime.build(settings, start_background=False)
-    transactions: list[int] = [0]  # reservations committed per transaction, in order
-    lock = threading.Lock()
-
-    def trace(statement: str) -> None:
-        with lock:
-            if statement.startswith("INSERT INTO budget_reservation"):
-                transactions[-1] += 1
-            elif statement.startswith("ROLLBACK"):
-                transactions[-1] = 0  # rolled back: it reserved nothing
-            elif statement.startswith("COMMIT") and transactions[-1]:
-                transactions.append(0)
-
-    event.listen(runtime.engine, "connect", lambda dbapi, _rec: dbapi.set_trace_callback(trace))
-    script_exact_usage(sim)
-
-    async def warm_then_burst() -> list[str]:
-        await _async_burst(runtime, "warm", 1, "warm")  # makes the day's global counter
-        await _async_burst(runtime, "batched", 1, "warm")  # and the user's
-        transactions[:] = [0]
-        return await _async_burst(runtime, "batched", 100, "b")
-
-    try:
-        outcomes = asyncio.run(warm_then_burst())
-    finally:
-        runtime.close()
-    reserving = [n for n in transactions if n]
-    assert outcomes == ["ok"] * 100
-    assert sum(reserving) == 100
-    assert len(reserving) < 50, reserving  # one a call before; a few batches now
-    assert max(reserving) > 1
 
 
 def _process_burst(settings: Settings, calls: int, barrier: Any, results: Any) -> None:

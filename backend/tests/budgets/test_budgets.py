@@ -650,7 +650,7 @@ def test_settings_refuse_a_reservation_ttl_shorter_than_a_call() -> None:
 
 
 def test_counter_keys_follow_the_lock_order() -> None:
-    keys = counter_keys("t", "u", date(2031, 5, 17))
+    keys = counter_keys("t", "u", date(2031, 5, 17), key_id="k")
     assert [k.scope for k in keys] == list(BudgetScope)
     assert keys == sorted(keys, key=lambda k: k.lock_order)
     assert keys[2].window_start == date(2031, 5, 1)
