@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx2
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Tracer
@@ -165,11 +165,15 @@ class Gateway:
         self.runtime = runtime
         self.table = table
         self.callers = Callers(access, runtime.session_factory, settings.gateway_max_agent_labels)
-        self.client = httpx2.AsyncClient(
-            limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=200),
-            timeout=httpx2.Timeout(settings.gateway_timeout_seconds),
-        )
         self._timeout = settings.gateway_timeout_seconds
+        # One pooled session for every upstream (built in the service's lifespan, in its event
+        # loop; closed by ``aclose``). aiohttp, not httpx2: measured in bench/gateway_client.py,
+        # it costs a fifth of httpx2's CPU a call, whose pool re-checks every pooled connection
+        # at each request and response close (docs/BENCHMARKS.md).
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
+            timeout=upstream_timeout(self._timeout),
+        )
         self.tracer = tracer or default_tracer()
         self._metrics = metrics
         self._secrets = runtime.secrets
@@ -189,15 +193,10 @@ class Gateway:
             settings.llm_provider,
         )
         table = parse_routing_table(settings.gateway_routes_json, default)
-        # httpx2 logs every request at INFO: a line per forwarded call is the row's job, and
-        # formatting it costs the hot path more than the forwarding does.
-        http_log = logging.getLogger("httpx2")
-        if http_log.level == logging.NOTSET:
-            http_log.setLevel(logging.WARNING)
         return cls(runtime, access, table, metrics=genai_metrics())
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
     # -- admission --------------------------------------------------------------------------
 
@@ -352,7 +351,7 @@ class Gateway:
 
     async def send(
         self, call: Call, request: Request, targets: tuple[Target, ...]
-    ) -> tuple[httpx2.Response, Target] | Failure:
+    ) -> tuple[aiohttp.ClientResponse, Target] | Failure:
         """Try ``targets`` in order: the first answer that is not 429/5xx/timeout/dropped, its
         headers read (its body still to read), or the last failure."""
         failure = Failure(502, "APIConnectionError", "No upstream was tried.")
@@ -361,39 +360,31 @@ class Gateway:
             call.tracker.attempts[0] += 1
             upstream = target.upstream
             timeout = upstream.timeout_seconds or self._timeout
-            outgoing = self.client.build_request(
-                "POST",
-                f"{upstream.base_url}/{call.api.path}",
-                content=call.body_for(target),
-                headers=self._headers(call, upstream, request),
-                timeout=httpx2.Timeout(timeout),
-            )
             try:
-                response = await self.client.send(outgoing, stream=True)
-            except httpx2.TimeoutException:
+                response = await self.client.post(
+                    f"{upstream.base_url}/{call.api.path}",
+                    data=call.body_for(target),
+                    headers=self._headers(call, upstream, request),
+                    timeout=upstream_timeout(timeout),
+                )
+            except TimeoutError:  # aiohttp's timeouts are TimeoutErrors (and ClientErrors)
                 failure = _timeout_failure(upstream)
                 continue
-            except httpx2.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 failure = _connection_failure(upstream, exc)
                 continue
-            status = response.status_code
+            status = response.status
             if status == 429 or status >= 500:
                 failure = await self._status_failure(response)
                 continue
             return response, target
         return failure
 
-    async def _status_failure(self, response: httpx2.Response) -> Failure:
-        try:
-            body: bytes | None = await response.aread()
-        except httpx2.HTTPError:
-            body = None
-        finally:
-            await response.aclose()
-        return self.failure_of(response, body)
+    async def _status_failure(self, response: aiohttp.ClientResponse) -> Failure:
+        return self.failure_of(response, await read_quietly(response))
 
-    def failure_of(self, response: httpx2.Response, body: bytes | None) -> Failure:
-        status = response.status_code
+    def failure_of(self, response: aiohttp.ClientResponse, body: bytes | None) -> Failure:
+        status = response.status
         parsed = parse_object(body) if body else None
         error = parsed.get("error") if parsed is not None else None
         message = error.get("message") if isinstance(error, dict) else None
@@ -406,20 +397,20 @@ class Gateway:
             headers or None,
         )
 
-    async def read(self, response: httpx2.Response, target: Target) -> bytes | Failure:
+    async def read(self, response: aiohttp.ClientResponse, target: Target) -> bytes | Failure:
         """The whole body of a plain (non-stream) answer, or how reading it failed."""
         try:
-            return await response.aread()
-        except httpx2.TimeoutException:
+            return await response.read()
+        except TimeoutError:
             return _timeout_failure(target.upstream)
-        except httpx2.TransportError as exc:
+        except aiohttp.ClientError as exc:
             return _connection_failure(target.upstream, exc)
         finally:
-            await response.aclose()
+            finish(response)
 
     async def _answer(
         self, call: Call, request: Request
-    ) -> tuple[httpx2.Response, Target, bytes] | Failure:
+    ) -> tuple[aiohttp.ClientResponse, Target, bytes] | Failure:
         """A non-stream answer, read whole; a body that fails to arrive moves on to the next
         target as a failed attempt does."""
         targets = call.targets
@@ -445,7 +436,7 @@ class Gateway:
             await self.record_failure(call, result)
             return self.failure_response(result, call)
         response, target, data = result
-        status = response.status_code
+        status = response.status
         flags = (f"upstream:{target.upstream.name}",)
         if status >= 400:
             failure = self.failure_of(response, data)
@@ -535,6 +526,30 @@ class GatewayCallContext(CallContext):
     subject)."""
 
     key_id: str | None = None
+
+
+def upstream_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """``seconds`` for connecting and between two reads (no limit on a whole stream)."""
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
+
+
+def finish(response: aiohttp.ClientResponse) -> None:
+    """Done with ``response``: its connection back to the pool when its body was read to the
+    end, else closed (which is what stops an upstream whose client went away)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+async def read_quietly(response: aiohttp.ClientResponse) -> bytes | None:
+    """An error answer's body, or None when it could not be read; the response finished."""
+    try:
+        return await response.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    finally:
+        finish(response)
 
 
 def _timeout_failure(upstream: Upstream) -> Failure:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2
+import aiohttp
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.gateway.callers import Caller
 from app.gateway.errors import GatewayError, error_response
-from app.gateway.proxy import CHAT_API, EMBEDDINGS_API, RESPONSES_API, Api, Failure, Gateway
+from app.gateway.proxy import (
+    CHAT_API,
+    EMBEDDINGS_API,
+    RESPONSES_API,
+    Api,
+    Failure,
+    Gateway,
+    read_quietly,
+    upstream_timeout,
+)
 from app.gateway.routing import DEFAULT_UPSTREAM
 from app.gateway.streaming import StreamedCall
 
@@ -42,14 +51,8 @@ async def _forward(api: Api, request: Request) -> Response:
         await gateway.record_failure(call, result)
         return gateway.failure_response(result, call)
     response, target = result
-    if response.status_code >= 400:  # a 4xx the upstream refused the call with
-        try:
-            body = await response.aread()
-        except httpx2.HTTPError:
-            body = b""
-        finally:
-            await response.aclose()
-        failure = gateway.failure_of(response, body)
+    if response.status >= 400:  # a 4xx the upstream refused the call with
+        failure = gateway.failure_of(response, await read_quietly(response))
         await gateway.record_failure(call, failure)
         return gateway.failure_response(failure, call)
     return StreamedCall(gateway, call, response, target)
@@ -84,13 +87,14 @@ async def _model_ids(gateway: Gateway, caller: Caller) -> list[str]:
         return listed
     upstream = gateway.table.upstreams[DEFAULT_UPSTREAM]
     try:
-        answer = await gateway.client.get(
+        async with gateway.client.get(
             f"{upstream.base_url}/models",
             headers={"authorization": f"Bearer {upstream.api_key}"},
-            timeout=10.0,
-        )
-        data = answer.json().get("data", []) if answer.status_code == 200 else []
-    except (httpx2.HTTPError, ValueError, AttributeError):
+            timeout=upstream_timeout(10.0),
+        ) as answer:
+            ok = answer.status == 200
+            data = (await answer.json(content_type=None)).get("data", []) if ok else []
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
         data = []
     return sorted(
         {

@@ -20,8 +20,8 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx2
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -32,6 +32,7 @@ from app.gateway.proxy import (
     Call,
     Gateway,
     UpstreamError,
+    finish,
 )
 from app.gateway.routing import Target
 from app.gateway.views import JsonView, SseSplitter, event_data, parse_object
@@ -46,10 +47,10 @@ class StreamedCall(Response):
     """The ASGI response of one streamed call; it owns the upstream response."""
 
     def __init__(
-        self, gateway: Gateway, call: Call, response: httpx2.Response, target: Target
+        self, gateway: Gateway, call: Call, response: aiohttp.ClientResponse, target: Target
     ) -> None:
         assert call.api.new_state is not None
-        super().__init__(status_code=response.status_code)
+        super().__init__(status_code=response.status)
         self.gateway = gateway
         self.call = call
         self.response = response
@@ -71,7 +72,7 @@ class StreamedCall(Response):
                 send,
                 {
                     "type": "http.response.start",
-                    "status": self.response.status_code,
+                    "status": self.response.status,
                     "headers": [(k, v.encode() if isinstance(v, str) else v) for k, v in headers],
                 },
             )
@@ -91,7 +92,7 @@ class StreamedCall(Response):
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self.response.aclose()
+                finish(self.response)  # closes the upstream connection if cut short
                 if not tracker.finished:
                     await self._complete(self._closed_early_outcome())
         if not self.disconnected and not self.broken:
@@ -110,7 +111,7 @@ class StreamedCall(Response):
         tracker = self.call.tracker
         first = True
         try:
-            async for data in self.response.aiter_raw():
+            async for data in self.response.content.iter_any():
                 if first:
                     tracker.first_chunk_at = time.perf_counter()
                     first = False
@@ -120,7 +121,7 @@ class StreamedCall(Response):
                     send, {"type": "http.response.body", "body": body, "more_body": True}
                 ):
                     return  # the partial row is written by the caller's ``finally``
-        except httpx2.TransportError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             await self._complete(self._dropped_outcome(exc))
             # The client's stream breaks off too (the response is left incomplete, the server
             # closes the connection): it must not read a cut stream as a finished one.
