@@ -148,19 +148,37 @@ class DatabaseBreaker:
 
     # -- the probe ------------------------------------------------------------------------
 
+    def probe_now(self) -> bool:
+        """Probe at once (not at the next interval) and close if the database answers; True if
+        the breaker is closed afterwards. For a last write that cannot wait, e.g. the spool's
+        final replay at shutdown, which would otherwise be refused for up to one interval."""
+        if not self._open:
+            return True
+        if not self._probe():
+            return False
+        self._mark_recovered()
+        return True
+
+    def _mark_recovered(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            listeners = list(self._listeners)
+        DATABASE_BREAKER_OPEN.set(0)
+        logger.warning("Database reachable again; circuit breaker closed")
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                logger.exception("A database recovery listener failed")
+
     def _probe_loop(self) -> None:
         while not self._closed_event.wait(self._probe_interval):
+            if not self._open:
+                return  # closed by ``probe_now``
             if self._probe():
-                with self._lock:
-                    self._open = False
-                    listeners = list(self._listeners)
-                DATABASE_BREAKER_OPEN.set(0)
-                logger.warning("Database reachable again; circuit breaker closed")
-                for listener in listeners:
-                    try:
-                        listener()
-                    except Exception:
-                        logger.exception("A database recovery listener failed")
+                self._mark_recovered()
                 return
 
     def _probe(self) -> bool:

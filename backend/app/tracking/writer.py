@@ -319,6 +319,7 @@ class SpoolReplayer:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         try:
+            self._writer.breaker.probe_now()  # back since the last probe? then replay now
             self._writer.replay_spool()
         except Exception:
             logger.exception("Final spool replay failed; rows stay spooled for the next start")
