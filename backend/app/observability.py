@@ -114,24 +114,36 @@ _TASKS_QUEUED_SHARED = Gauge(
     registry=None,
 )
 
+
+class BoundedLabels:
+    """The values of one label dimension: at most ``limit`` distinct ones per process, later new
+    ones become ``other`` (the series stay bounded; the ledger keeps the real values)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return "other"
+
+
 MAX_MODEL_LABELS = 100
-_model_labels: set[str] = set()
-_model_labels_lock = threading.Lock()
-
-
-def model_label(model: str) -> str:
-    """The model's label value; after MAX_MODEL_LABELS distinct models, new ones are 'other'."""
-    if model in _model_labels:
-        return model
-    with _model_labels_lock:
-        if len(_model_labels) < MAX_MODEL_LABELS:
-            _model_labels.add(model)
-            return model
-    return "other"
+MAX_AGENT_LABELS = 50  # GATEWAY_MAX_AGENT_LABELS: the gateway lets clients name their agents
+model_label = BoundedLabels(MAX_MODEL_LABELS)
+"""The model's label value; after MAX_MODEL_LABELS distinct models, new ones are 'other'."""
+agent_labels = BoundedLabels(MAX_AGENT_LABELS)
 
 
 def agent_label(agent: str | None) -> str:
-    return agent or "none"
+    """The agent's label value (``none`` without one), bounded like the models'."""
+    return agent_labels(agent or "none")
 
 
 def set_queued_tasks(count: int) -> None:

@@ -254,7 +254,7 @@ class Settings(BaseSettings):
         default=50,
         ge=1,
         le=10_000,
-        description="Distinct X-ASA-Agent values a process records; later new ones are 'other'.",
+        description="Distinct agents a process's metrics show; later new ones are 'other'.",
     )
 
     @property

@@ -10,9 +10,9 @@
   id is refused with 404 ``task_not_found`` - it is not ignored, because a caller who sends it
   expects the task's budget to apply. So nobody can book spend on, or use the budget of, someone
   else's task.
-- ``X-ASA-Agent`` is a free label (the ``agent`` of the row and the metrics); to keep the metric
-  labels bounded, a process records at most ``GATEWAY_MAX_AGENT_LABELS`` distinct values and
-  records later new ones as ``other``.
+- ``X-ASA-Agent`` is a free label: the ``agent`` of the row as sent; on the metrics a process
+  shows at most ``GATEWAY_MAX_AGENT_LABELS`` distinct agents, later new ones as ``other``
+  (``app.observability.agent_label``), so the series stay bounded and the ledger stays exact.
 
 The lookups are cached in memory: a key's limits for ``KEY_LIMITS_SECONDS`` (a change made by
 another process applies within that time), a task's owner for good (it never changes).
@@ -39,7 +39,6 @@ from app.models import Task
 
 KEY_LIMITS_SECONDS = 1.0
 MAX_CACHED = 4096
-OTHER_AGENT = "other"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/ -]{0,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 _FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
@@ -69,16 +68,12 @@ class Caller:
 class Callers:
     """Resolves requests to callers; one per running gateway."""
 
-    def __init__(
-        self, access: AccessControl, session_factory: sessionmaker[Session], max_agents: int
-    ) -> None:
+    def __init__(self, access: AccessControl, session_factory: sessionmaker[Session]) -> None:
         self._access = access
         self._session_factory = session_factory
         self._lock = threading.Lock()
         self._limits: dict[str, tuple[frozenset[str] | None, float]] = {}
         self._task_owners: OrderedDict[str, str] = OrderedDict()
-        self._agents: set[str] = set()
-        self._max_agents = max_agents
 
     def caller(self, authorization: str | None, client_host: str | None, forwarded: bool) -> Caller:
         """The caller of a request with this ``Authorization`` header."""
@@ -147,7 +142,7 @@ class Callers:
         return owner
 
     def agent(self, value: str | None) -> str | None:
-        """The agent label of a call (bounded: see the module doc)."""
+        """The agent a call is recorded for (checked: see the module doc)."""
         if value is None or value == "":
             return None
         if not _LABEL_RE.fullmatch(value):
@@ -156,13 +151,7 @@ class Callers:
                 "X-ASA-Agent must be 1-64 characters: letters, digits, space and . _ : @ / -.",
                 code="invalid_agent",
             )
-        if value in self._agents:
-            return value
-        with self._lock:
-            if len(self._agents) < self._max_agents:
-                self._agents.add(value)
-                return value
-        return OTHER_AGENT
+        return value
 
 
 def is_forwarded(headers: object) -> bool:

@@ -53,6 +53,7 @@ from app.gateway.routing import (
     parse_routing_table,
 )
 from app.gateway.views import JsonView, parse_object
+from app.observability import agent_labels
 from app.tracking.genai_metrics import GenAIMetrics, genai_metrics
 from app.tracking.operations import CHAT, EMBEDDINGS, RESPONSES, Operation
 from app.tracking.streams import ChatStreamState, ResponsesStreamState, StreamState
@@ -164,7 +165,9 @@ class Gateway:
         settings = runtime.settings
         self.runtime = runtime
         self.table = table
-        self.callers = Callers(access, runtime.session_factory, settings.gateway_max_agent_labels)
+        self.callers = Callers(access, runtime.session_factory)
+        # Clients name their agents: the metrics show that many, the rest as "other".
+        agent_labels.limit = settings.gateway_max_agent_labels
         self._timeout = settings.gateway_timeout_seconds
         # One pooled session for every upstream (built in the service's lifespan, in its event
         # loop; closed by ``aclose``). aiohttp, not httpx2: measured in bench/gateway_client.py,

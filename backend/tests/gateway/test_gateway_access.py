@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 
 import httpx
 import openai
 import pytest
 from opentelemetry import trace as otel_trace
+from prometheus_client import REGISTRY
 
 from app.core.db import create_session_factory, transaction
 from app.models import Task
+from app.observability import MAX_AGENT_LABELS, agent_labels
 from tests.gateway.conftest import LiveService, post, unique
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -194,3 +197,29 @@ def test_the_span_is_a_child_of_the_clients_traceparent(
     assert span.attributes["llm.request_id"] == answer.headers["x-asa-request-id"]
     row = service.row(answer.headers["x-asa-request-id"])
     assert row.trace_id == trace_id
+
+
+def test_the_row_keeps_every_agent_while_the_metrics_bound_them(
+    start_service: Callable[..., LiveService],
+) -> None:
+    # A client may name as many agents as it likes: the ledger keeps each name, the metrics
+    # show GATEWAY_MAX_AGENT_LABELS of them per process and the rest as "other".
+    service = start_service(gateway_max_agent_labels=1)  # already reached in this process
+    _, key = service.new_key(unique("u"))
+    agent = unique("agent")
+
+    def requests(label: str) -> float:
+        sample = {"model": "gpt-4o-mini", "status": "success", "agent": label}
+        return REGISTRY.get_sample_value("llm_requests_total", sample) or 0.0
+
+    others = requests("other")
+    try:
+        answer = post(
+            service, "/chat/completions", CHAT, headers={**_auth(key), "X-ASA-Agent": agent}
+        )
+        assert answer.status_code == 200
+        assert service.row(answer.headers["x-asa-request-id"]).agent == agent
+        assert requests(agent) == 0.0
+        assert requests("other") == others + 1
+    finally:
+        agent_labels.limit = MAX_AGENT_LABELS  # the next services of this process
