@@ -16,16 +16,12 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
-from app.access.principal import Principal
-from app.api.auth import current_principal
-from app.core.config import Settings
 from app.core.money import PICO_PER_USD
-from app.core.runtime import Runtime
-from app.main import create_app
 from app.models import Task
 from app.tasks import store as task_store
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
+from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
 REPO = "https://example.com/r1.git"
 EARLIER = datetime.now(UTC) - timedelta(days=2)
@@ -75,32 +71,23 @@ def spend(engine: Engine, task_id: str, usd: str) -> None:
         )
 
 
-@pytest.fixture
-def app(database_url: str, tmp_path: Path) -> Iterator[FastAPI]:
-    settings = Settings(
-        database_url=database_url,
-        openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
-        openai_base_url="http://127.0.0.1:9/v1",
-        spool_dir=tmp_path / "spool",
-        auto_migrate=False,
-    )
-    runtime = Runtime.build(settings, start_background=False)
-    engine = runtime.engine
+def _seed(engine: Engine) -> None:
     for tenth in range(1, 11):  # ten finished tasks like it: $0.10 ... $1.00
         finished(engine, f"{tenth / 10:.1f}")
     for _ in range(5):  # unlike it: another repository with another model
         finished(engine, "50", model="other", repo="https://example.com/r2.git")
-    application = create_app(settings)
-    application.state.runtime = runtime
-    application.dependency_overrides[current_principal] = lambda: Principal("bob", "user")
-    yield application
-    runtime.close()
+
+
+@pytest.fixture
+def app(database_url: str, tmp_path: Path) -> Iterator[FastAPI]:
+    with seeded_app(database_url, tmp_path, seed=_seed) as application:
+        act_as(application, "bob")
+        yield application
 
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
+    async with asgi_client(app) as c:
         yield c
 
 

@@ -16,19 +16,14 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
 
-from app.access.principal import Principal
-from app.api.auth import current_principal
-from app.api.v1.usage_forecast import forecast_clock
-from app.core.config import Settings
 from app.core.money import PICO_PER_USD
-from app.core.runtime import Runtime
-from app.main import create_app
 from app.models import NotificationEvent
 from app.notifications.dispatcher import NotificationDispatcher
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
 from app.usage.anomalies import Thresholds, detect, record_anomalies, score_hour
 from tests.notifications.conftest import WebhookReceiver, add_webhook, drain, notify_settings
+from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
 # -- the method, backtested ---------------------------------------------------------------------
 
@@ -163,31 +158,14 @@ def seed_ledger(engine: Engine, now: datetime) -> None:
 
 @pytest.fixture
 def anomaly_app(database_url: str, tmp_path: Path) -> Iterator[FastAPI]:
-    settings = Settings(
-        database_url=database_url,
-        openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
-        openai_base_url="http://127.0.0.1:9/v1",
-        spool_dir=tmp_path / "spool",
-        auto_migrate=False,
-    )
-    runtime = Runtime.build(settings, start_background=False)
-    seed_ledger(runtime.engine, NOW)
-    app = create_app(settings)
-    app.state.runtime = runtime
-    app.dependency_overrides[forecast_clock] = lambda: NOW
-    yield app
-    runtime.close()
+    with seeded_app(database_url, tmp_path, seed=lambda e: seed_ledger(e, NOW), now=NOW) as app:
+        yield app
 
 
 @pytest.fixture
 async def client(anomaly_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=anomaly_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
+    async with asgi_client(anomaly_app) as c:
         yield c
-
-
-def act_as(app: FastAPI, user: str, role: str = "user") -> None:
-    app.dependency_overrides[current_principal] = lambda: Principal(user, role)  # type: ignore[arg-type]
 
 
 async def test_a_user_sees_their_own_anomalous_hour_with_its_figures(

@@ -17,15 +17,10 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, insert
 
-from app.access.principal import Principal
-from app.api.auth import current_principal
-from app.api.v1.usage_forecast import forecast_clock
-from app.core.config import Settings
 from app.core.money import PICO_PER_USD
-from app.core.runtime import Runtime
-from app.main import create_app
 from app.models import UsageRollupDaily, UsageRollupDailyOverall
 from app.usage.forecast import HISTORY_DAYS, month_bounds, project
+from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
 # Monday .. Sunday: a team that works weekdays.
 WEEKLY = (1.25, 1.3, 1.3, 1.25, 1.1, 0.4, 0.4)
@@ -212,37 +207,20 @@ def _seed_rollups(engine: Engine) -> None:
 
 @pytest.fixture
 def forecast_app(database_url: str, tmp_path: Path) -> Iterator[FastAPI]:
-    settings = Settings(
-        database_url=database_url,
-        openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
-        openai_base_url="http://127.0.0.1:9/v1",
-        spool_dir=tmp_path / "spool",
-        auto_migrate=False,
-    )
-    runtime = Runtime.build(settings, start_background=False)
-    _seed_rollups(runtime.engine)
-    app = create_app(settings)
-    app.state.runtime = runtime
-    app.dependency_overrides[forecast_clock] = lambda: NOW
-    yield app
-    runtime.close()
+    with seeded_app(database_url, tmp_path, seed=_seed_rollups, now=NOW) as app:
+        yield app
 
 
 @pytest.fixture
 async def forecast_client(forecast_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=forecast_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as client:
+    async with asgi_client(forecast_app) as client:
         yield client
-
-
-def _as(app: FastAPI, user: str, role: str = "user") -> None:
-    app.dependency_overrides[current_principal] = lambda: Principal(user, role)  # type: ignore[arg-type]
 
 
 async def test_a_user_gets_their_own_month_end_projection(
     forecast_app: FastAPI, forecast_client: httpx.AsyncClient
 ) -> None:
-    _as(forecast_app, "alice")
+    act_as(forecast_app, "alice")
     body = (await forecast_client.get("/api/v1/usage/forecast")).json()
     # $10 a day: 11 days spent by noon of the 11th (10 whole + today's $10 already booked),
     # then half of today and 20 more days at $10.
@@ -256,12 +234,12 @@ async def test_a_user_gets_their_own_month_end_projection(
 async def test_administrators_see_anyone_and_everyone_users_only_themselves(
     forecast_app: FastAPI, forecast_client: httpx.AsyncClient
 ) -> None:
-    _as(forecast_app, "bob")
+    act_as(forecast_app, "bob")
     assert (await forecast_client.get("/api/v1/usage/forecast?user_id=alice")).status_code == 403
     assert (await forecast_client.get("/api/v1/usage/forecast?everyone=true")).status_code == 403
     assert (await forecast_client.get("/api/v1/usage/forecast?user_id=bob")).status_code == 200
 
-    _as(forecast_app, "root", "admin")
+    act_as(forecast_app, "root", "admin")
     alice = (await forecast_client.get("/api/v1/usage/forecast?user_id=alice")).json()
     everyone = (await forecast_client.get("/api/v1/usage/forecast?everyone=true")).json()
     assert alice["user_id"] == "alice" and alice["projected_usd"] == "315.000000"

@@ -15,18 +15,13 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
-from app.access.principal import Principal
-from app.api.auth import current_principal
-from app.api.v1.usage_forecast import forecast_clock
-from app.core.config import Settings
 from app.core.money import PICO_PER_USD
-from app.core.runtime import Runtime
-from app.main import create_app
 from app.models import Task
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
 from app.usage.insights import recommendations, refresh_recommendations
 from app.usage.recommendations import TaskOutcomes, not_worse
+from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
 NOW = datetime(2026, 3, 11, 12, 0, tzinfo=UTC)
 YESTERDAY = NOW - timedelta(days=1)
@@ -137,30 +132,14 @@ def known_waste() -> Ledger:
 
 @pytest.fixture
 def recommend_app(database_url: str, tmp_path: Path) -> Iterator[FastAPI]:
-    settings = Settings(
-        database_url=database_url,
-        openai_api_key="sk-test-not-used",  # type: ignore[arg-type]
-        openai_base_url="http://127.0.0.1:9/v1",
-        spool_dir=tmp_path / "spool",
-        auto_migrate=False,
-    )
-    runtime = Runtime.build(settings, start_background=False)
-    app = create_app(settings)
-    app.state.runtime = runtime
-    app.dependency_overrides[forecast_clock] = lambda: NOW
-    yield app
-    runtime.close()
+    with seeded_app(database_url, tmp_path, now=NOW) as app:
+        yield app
 
 
 @pytest.fixture
 async def client(recommend_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=recommend_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://asa.test") as c:
+    async with asgi_client(recommend_app) as c:
         yield c
-
-
-def act_as(app: FastAPI, user: str, role: str = "user") -> None:
-    app.dependency_overrides[current_principal] = lambda: Principal(user, role)  # type: ignore[arg-type]
 
 
 async def _get(client: httpx.AsyncClient, query: str = "") -> dict[str, Any]:
