@@ -127,7 +127,7 @@ def test_the_readme_walkthrough_fixes_the_example_bug(live: tuple[int, dict[str,
 
 
 # The quick start has its own test below: its steps depend on each other.
-@pytest.mark.parametrize("doc", ["OBSERVABILITY.md", "docs/GATEWAY.md", "docs/PRICES.md"])
+@pytest.mark.parametrize("doc", ["OBSERVABILITY.md", "docs/GATEWAY.md"])
 def test_every_runnable_command_of_the_doc_succeeds(
     doc: str, live: tuple[int, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -83,7 +83,10 @@ class Callers:
             scheme, _, credentials = authorization.partition(" ")
             if scheme.lower() != "bearer" or not credentials.strip():
                 raise GatewayError(
-                    401, "The Authorization header must read: Bearer <key>.", code="invalid_api_key"
+                    401,
+                    "The Authorization header must read: Bearer <key>.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
                 )
             key = credentials.strip()
             if not key.startswith(api_keys.KEY_SCHEME) and authenticator.mode == "open":

@@ -26,6 +26,8 @@ from app.web.render import ConsoleRoute
 StartService = Any  # tests/api/conftest.py: start_service(**settings) -> Service
 Service = Any
 PUBLIC_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+# The gateway's catch-all answers 404 ``unknown_url`` in the OpenAI shape: nothing is served there.
+GATEWAY_PREFIX, GATEWAY_CATCH_ALL = "/v1/", "/v1/{path:path}"
 PATH_SAMPLES = {"period": "daily", "key_id": "0123456789abcdef0123456789abcdef"}
 WITH_BODY = {"POST", "PUT", "PATCH"}
 
@@ -50,6 +52,7 @@ def api_operations() -> list[tuple[str, Any]]:
         # The web console signs in with a session cookie (its access: tests/web).
         and not isinstance(getattr(route, "original_route", route), ConsoleRoute)
         and route.path not in PUBLIC_PATHS
+        and route.path != GATEWAY_CATCH_ALL
         for method in sorted(route.methods)
     ]
 
@@ -84,7 +87,21 @@ async def keyed_service(start_service: StartService) -> tuple[Service, dict[str,
 def test_every_api_route_requires_a_principal() -> None:
     assert len(OPERATIONS) >= 20
     for method, route in OPERATIONS:
+        if route.path.startswith(GATEWAY_PREFIX):
+            continue  # the gateway authenticates in its handler (OpenAI-shaped errors): below
         assert current_principal in _walk(route.dependant), (method, route.path)
+    gateway = {route.path for _, route in OPERATIONS if route.path.startswith(GATEWAY_PREFIX)}
+    assert {"/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models"} <= gateway
+
+
+def assert_unauthorized(response: httpx.Response, path: str, case: str = "") -> None:
+    """401 with a Bearer challenge, in the API's shape or, on the gateway, in OpenAI's."""
+    assert response.status_code == 401, (case, response.request.method, path, response.text)
+    assert response.headers["www-authenticate"] == "Bearer"
+    if path.startswith(GATEWAY_PREFIX):
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    else:
+        assert response.json()["error"] == "unauthorized"
 
 
 def test_admin_only_routes_include_the_documented_ones() -> None:
@@ -111,10 +128,7 @@ async def test_anonymous_requests_get_401_on_every_api_route(start_service: Star
     service, _ = await keyed_service(start_service)
     client = service.client()
     for method, route in OPERATIONS:
-        response = await call(client, method, route)
-        assert response.status_code == 401, (method, route.path, response.text)
-        assert response.headers["www-authenticate"] == "Bearer"
-        assert response.json()["error"] == "unauthorized"
+        assert_unauthorized(await call(client, method, route), route.path)
 
 
 async def test_wrong_keys_get_401_and_are_not_echoed(start_service: StartService) -> None:
@@ -133,7 +147,7 @@ async def test_wrong_keys_get_401_and_are_not_echoed(start_service: StartService
         client = service.client(**headers)
         for method, route in OPERATIONS:
             response = await call(client, method, route)
-            assert response.status_code == 401, (name, method, route.path, response.text)
+            assert_unauthorized(response, route.path, name)
             assert_leaks_nothing(response, forged, unknown, real)
 
 
@@ -148,7 +162,7 @@ async def test_revoked_key_gets_401_on_every_api_route(start_service: StartServi
 
     for method, route in OPERATIONS:
         response = await call(client, method, route)
-        assert response.status_code == 401, (method, route.path, response.text)
+        assert_unauthorized(response, route.path)
         assert_leaks_nothing(response, key)
 
 

@@ -53,6 +53,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     # Beyond the contract, exposed by app/observability.py:
     "llm_retries_total": ("counter", frozenset({"model"})),
     "llm_tracking_errors_total": ("counter", frozenset({"stage"})),
+    "asa_database_breaker_open": ("gauge", frozenset()),
+    "asa_database_breaker_trips_total": ("counter", frozenset()),
 }
 # The attributes every LLM span carries (error.type: failed calls only).
 SPAN_ATTRIBUTES = (

@@ -249,13 +249,12 @@ def test_every_command_of_the_prices_doc_runs(tmp_path: Path) -> None:
             **os.environ, "DATABASE_URL": url, "OPENAI_API_KEY": "",
             "PRICE_OVERRIDES": json.dumps(OVERRIDES),
         }  # fmt: skip
-        for block in blocks:
-            for command in block.strip().splitlines():
-                result = subprocess.run(
-                    ["bash", "-c", command], cwd=BACKEND.parent, env=env, capture_output=True,
-                    text=True, timeout=120, check=False,
-                )  # fmt: skip
-                assert result.returncode == 0, (command, result.stderr)
+        for block in blocks:  # each block in one shell, as a reader pastes it
+            result = subprocess.run(
+                ["bash", "-ec", block], cwd=BACKEND.parent, env=env, capture_output=True,
+                text=True, timeout=300, check=False,
+            )  # fmt: skip
+            assert result.returncode == 0, (block, result.stderr)
         assert ledger_cost(engine) > 0  # the second command priced the calls
     finally:
         engine.dispose()
