@@ -24,6 +24,9 @@ def get_session(request: Request) -> Iterator[Session]:
     """One session per request, committed in one place when the handler succeeds.
 
     Callables a handler appends to ``session.info["after_commit"]`` run once the commit is done.
+    Declared with ``scope="function"`` (``SessionDep``): the commit and those callables finish
+    before the response is sent, so a client that acts on the answer sees what the request did
+    (FastAPI's default ends a ``yield`` dependency after the response).
     """
     runtime = get_app_runtime(request)
     with runtime.session_factory() as session:
@@ -33,7 +36,7 @@ def get_session(request: Request) -> Iterator[Session]:
             callback()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 RuntimeDep = Annotated[Runtime, Depends(get_app_runtime)]
 TaskId = Annotated[
     str, Path(min_length=1, max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
