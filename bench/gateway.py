@@ -161,8 +161,12 @@ def machine() -> dict[str, Any]:
         "wrk": ["wrk", "-v"],
         "litellm": [str(LITELLM_BIN.parent / "python"), "-c", LITELLM_VERSION],
     }.items():
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        versions[name] = (done.stdout + done.stderr).strip().splitlines()[0]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+        except FileNotFoundError:  # e.g. no LiteLLM venv: that target is not run either
+            versions[name] = "not installed"
+            continue
+        versions[name] = ((done.stdout + done.stderr).strip().splitlines() or ["?"])[0]
     return {
         "nproc": os.cpu_count(),
         "cpu": model,
