@@ -134,6 +134,14 @@ class Tx:
         self._cursor.execute(compiled.sql, compiled.params(values))
         return self._cursor
 
+    def execute_many(self, stmt: Statement, rows: Sequence[Mapping[str, Any]]) -> Any:
+        """Run ``stmt`` once for each of ``rows`` (DBAPI ``executemany``: one call, and one
+        round trip on PostgreSQL); the cursor, whose ``rowcount`` is the rows all of them
+        changed."""
+        compiled = stmt.compiled(self.dialect)
+        self._cursor.executemany(compiled.sql, [compiled.params(values) for values in rows])
+        return self._cursor
+
     def close(self) -> None:
         self._cursor.close()
 

@@ -33,6 +33,8 @@ from app.models.usage import (
     RollupSums,
     UsageRollupDaily,
     UsageRollupDailyOverall,
+    UsageRollupHourly,
+    UsageRollupTaskTotal,
     UsageRollupUserDaily,
 )
 
@@ -67,6 +69,8 @@ __all__ = [
     "TaskMetricsDaily",
     "UsageRollupDaily",
     "UsageRollupDailyOverall",
+    "UsageRollupHourly",
+    "UsageRollupTaskTotal",
     "UsageRollupUserDaily",
     "new_id",
     "utcnow",

@@ -121,6 +121,15 @@ class RollupSums:
     lat_b12: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_b13: Mapped[int] = mapped_column(BigInteger, default=0)
     lat_b14: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Waste (revision 0016): the spend of failed calls (their count is ``errors``), of answers
+    # cut at max_tokens (``finish_reason = 'length'``) and of calls the SDK retried
+    # (``attempts > 1``; ``retry_attempts`` sums ``attempts - 1``: the extra requests sent).
+    error_cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    truncated_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    truncated_cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    retried_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    retry_attempts: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    retried_cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageRollupDaily(RollupSums, Base):
@@ -218,4 +227,54 @@ class UsageRollupUserDaily(RollupSums, Base):
             name="uq_usage_rollup_user_daily_key",
         ),
         Index("ix_usage_rollup_user_daily_day", "day"),  # everyone's, by user
+    )
+
+
+class UsageRollupTaskTotal(Base):
+    """One row per task (calls of no task are not counted): its calls and cost over all time,
+    the first and last UTC day it had calls, and its calls' user (the greatest user id).
+
+    The overview's "top tasks" reads it in descending cost and stops after a few rows: a task's
+    cost over some days is at most its total, and a task whose days all fall in the window
+    costs its total there. Written by the usage writer with the other rollups (one upsert per
+    call of a task, ``app.tracking.writer.apply_to_rollups``); never pruned.
+    """
+
+    __tablename__ = "usage_rollup_task_total"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[str] = mapped_column(String(64), default="")
+    first_day: Mapped[date] = mapped_column(Date)
+    last_day: Mapped[date] = mapped_column(Date)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_usage_rollup_task_total_cost_pico_usd", "cost_pico_usd"),)
+
+
+class UsageRollupHourly(Base):
+    """Spend per (user, UTC hour, model): what the anomaly scan reads (revision 0016).
+
+    Narrow on purpose (requests and cost only): the usage writer adds to it on every call, in
+    the same transaction as the row and the daily rollups, through the same door
+    (``app.tracking.writer.apply_to_rollups``), so a price recompute moves it too. ``hour`` is
+    the start of the call's UTC hour; ``user_id`` is '' for calls made for no user. Never
+    pruned: a day adds a row per active (user, model) and hour, far fewer than the daily
+    per-task rollup.
+    """
+
+    __tablename__ = "usage_rollup_hourly"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), default="")
+    hour: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model: Mapped[str] = mapped_column(String(200))
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        # Starts with (user_id, hour): a user's baseline is a range of the key itself.
+        UniqueConstraint("user_id", "hour", "model", name="uq_usage_rollup_hourly_key"),
+        Index("ix_usage_rollup_hourly_hour", "hour"),  # everyone's, by user and by model
     )

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict, namedtuple
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     Connection,
@@ -40,6 +41,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    literal_column,
     or_,
     select,
     text,
@@ -50,7 +52,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.budgets.store import CounterKey, apply_counter_deltas
 from app.core.money import pico_to_usd, usd_to_pico
-from app.core.prepared import Tx, dialect_insert
+from app.core.prepared import Statement, Tx, dialect_insert
 from app.models import (
     BudgetCounter,
     BudgetScope,
@@ -63,12 +65,12 @@ from app.models import (
 )
 from app.tasks.metrics_writer import COST_USD
 from app.tracking.price_table import PriceSource
-from app.tracking.pricing import PriceBook, TokenUsage
-from app.tracking.writer import apply_to_rollups, utc_day
+from app.tracking.pricing import PriceBook, QuoteTerms, TokenUsage
+from app.tracking.writer import apply_to_rollups, utc_day, utc_hour
 
 logger = logging.getLogger(__name__)
 
-BATCH_ROWS = 2000
+BATCH_ROWS = 5_000  # also how long live writers wait: one batch
 _TASK_WINDOW = date(1970, 1, 1)
 _usage = cast(Table, LLMUsage.__table__)
 _audit = cast(Table, PriceRecompute.__table__)
@@ -78,7 +80,7 @@ _READ = (
     _u.id, _u.timestamp, _u.model, _u.provider, _u.operation, _u.user_id, _u.task_id, _u.agent,
     _u.prompt_tokens, _u.completion_tokens, _u.cached_tokens, _u.reasoning_tokens,
     _u.cost_pico_usd, _u.cost_status, _u.flags, _u.price_source, _u.price_entry, _u.price_tier,
-    _u.service_tier,
+    _u.service_tier, _u.status, _u.finish_reason, _u.attempts,  # the last three: waste sums
 )  # fmt: skip
 _PRICE_COLUMNS = ("cost_pico_usd", "cost_status", "price_source", "price_entry", "price_tier")
 
@@ -119,12 +121,11 @@ class Totals:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Change:
+class _Change(NamedTuple):
     """One row's new price, and what it moves: the row's rollup key and counters."""
 
     row: Any
-    values: dict[str, Any]  # _PRICE_COLUMNS
+    new: tuple[Any, ...]  # the values of _PRICE_COLUMNS
     cost_delta: int
     unpriced_delta: int
 
@@ -147,25 +148,41 @@ def recompute_prices(
     after. A run that fails midway leaves its committed batches (each complete and exact) and an
     audit record marked ``failed``; running it again finishes the work.
     """
-    run_id = _start(engine, book, scope, actor=actor, dry_run=dry_run)
+    run_id = start_run(engine, book, scope, actor=actor, dry_run=dry_run)
+    run_batches(engine, book, scope, run_id, dry_run=dry_run, batch_rows=batch_rows)
+    return run_id
+
+
+def run_batches(
+    engine: Engine,
+    book: PriceBook,
+    scope: RecomputeScope,
+    run_id: str,
+    *,
+    dry_run: bool = False,
+    batch_rows: int = BATCH_ROWS,
+) -> None:
+    """Do the work of the run ``start_run`` recorded (``recompute_prices`` is the two), batch
+    by batch, and mark it ``done``; on an error, mark it ``failed`` and raise."""
     totals = Totals()
+    pricer, reader = _Pricer(book), _Reader(scope, batch_rows)
     try:
         cursor: tuple[datetime, str] | None = None
         while True:
             with engine.begin() as conn:
-                cursor = _batch(conn, book, scope, cursor, totals, run_id, dry_run, batch_rows)
+                cursor = _batch(conn, pricer, reader, cursor, totals, run_id, dry_run, batch_rows)
             if cursor is None:
                 break
     except Exception as exc:
         _finish(engine, run_id, totals, "failed", f"{type(exc).__name__}: {exc}"[:2000])
         raise
     _finish(engine, run_id, totals, "done")
-    return run_id
 
 
-def _start(
+def start_run(
     engine: Engine, book: PriceBook, scope: RecomputeScope, *, actor: str, dry_run: bool
 ) -> str:
+    """Record a run as ``running`` (and the book's price sources); its id."""
     now = datetime.now(UTC)
     run_id = new_id()
     with engine.begin() as conn:
@@ -229,8 +246,8 @@ def record_price_sources(conn: Connection, sources: Iterable[PriceSource], now: 
 
 def _batch(
     conn: Connection,
-    book: PriceBook,
-    scope: RecomputeScope,
+    pricer: _Pricer,
+    reader: _Reader,
     cursor: tuple[datetime, str] | None,
     totals: Totals,
     run_id: str,
@@ -240,16 +257,17 @@ def _batch(
     """Reprice the next batch after ``cursor``; the new cursor, or None when none is left."""
     if not dry_run:
         _shut_out_writers(conn, run_id)
-    rows = conn.execute(_select(scope, cursor, batch_rows)).all()
+    rows = reader.read(conn, cursor)
     if not rows:
         return None
-    changes = [change for row in rows if (change := _reprice(book, row, totals)) is not None]
+    changes = pricer.reprice(rows, totals)
     if changes and not dry_run:
         _write_rows(conn, changes)
         _apply_rollups(conn, changes)
         _apply_counters(conn, changes)
         _apply_task_metrics(conn, changes)
-        conn.execute(update(_audit).where(_audit.c.id == run_id).values(**totals.audit_values()))
+    # The run's progress, in the batch's transaction (a dry run's too: the API shows it).
+    conn.execute(update(_audit).where(_audit.c.id == run_id).values(**totals.audit_values()))
     last = rows[-1]
     return (last.timestamp, last.id) if len(rows) == batch_rows else None
 
@@ -261,66 +279,154 @@ def _shut_out_writers(conn: Connection, run_id: str) -> None:
         conn.execute(update(_audit).where(_audit.c.id == run_id).values(status="running"))
 
 
-def _select(scope: RecomputeScope, cursor: tuple[datetime, str] | None, limit: int) -> Any:
+def _select(scope: RecomputeScope, after_cursor: bool, limit: int, dialect: str) -> Any:
+    """The next rows of ``scope`` in (timestamp, id) order, each with its ``row_key`` (SQLite's
+    rowid: an update by it skips a search of the id index; the id on PostgreSQL); the values
+    are bound by name (``until``, ``since``, ``model``, ``provider``, and the cursor's ``at``
+    and ``last_id``)."""
     # Rows whose cost comes from tokens: successes, and errors that reported usage or output.
     costed = or_(_u.status == "success", and_(_u.status == "error", _u.is_partial.is_(True)))
-    where = [costed, _u.timestamp < scope.until]
+    where = [costed, _u.timestamp < bindparam("until", type_=_u.timestamp.type)]
     if scope.since is not None:
-        where.append(_u.timestamp >= scope.since)
+        where.append(_u.timestamp >= bindparam("since", type_=_u.timestamp.type))
     if scope.model is not None:
-        where.append(_u.model == scope.model)
+        where.append(_u.model == bindparam("model", type_=_u.model.type))
     if scope.provider is not None:
-        where.append(_u.provider == scope.provider)
-    if cursor is not None:
-        at, last_id = cursor
-        where += [_u.timestamp >= at, or_(_u.timestamp > at, _u.id > last_id)]
-    return select(*_READ).where(*where).order_by(_u.timestamp, _u.id).limit(limit)
+        where.append(_u.provider == bindparam("provider", type_=_u.provider.type))
+    if after_cursor:
+        at = bindparam("at", type_=_u.timestamp.type)
+        where += [_u.timestamp >= at, or_(_u.timestamp > at, _u.id > bindparam("last_id"))]
+    row_key = literal_column("rowid") if dialect == "sqlite" else _u.id
+    return (
+        select(*_READ, row_key.label("row_key"))
+        .where(*where)
+        .order_by(_u.timestamp, _u.id)
+        .limit(limit)
+    )
 
 
-def _reprice(book: PriceBook, row: Any, totals: Totals) -> _Change | None:
-    """Count the row in ``totals``; its change, or None when its price stays as it is.
+_Row = namedtuple("_Row", [*(column.name for column in _READ), "row_key"])  # type: ignore[misc]
 
-    Positional reads (``_READ``'s order): this runs once per row of the ledger."""
-    flags = row[14] or ""
-    old: tuple[Any, ...] = (row[12], row[13], row[15], row[16], row[17])  # _PRICE_COLUMNS
-    new = old
-    if "absurd_tokens" not in flags:  # counts the live path refused to price
-        quote = book.quote(
+
+class _Reader:
+    """Reads a run's batches as plain tuples: the statements compiled once, run on the DBAPI
+    cursor (``app.core.prepared``), without SQLAlchemy's per-row result processing, which
+    cost as much as the rest of a row's repricing."""
+
+    def __init__(self, scope: RecomputeScope, limit: int) -> None:
+        self._first = Statement(lambda dialect: _select(scope, False, limit, dialect))
+        self._next = Statement(lambda dialect: _select(scope, True, limit, dialect))
+        self._values: dict[str, Any] = {
+            "until": scope.until,
+            "since": scope.since,
+            "model": scope.model,
+            "provider": scope.provider,
+        }
+
+    def read(self, conn: Connection, cursor: tuple[datetime, str] | None) -> list[Any]:
+        tx = Tx.of(conn)
+        try:
+            if cursor is None:
+                raw = tx.execute(self._first, self._values).fetchall()
+            else:
+                values = {**self._values, "at": cursor[0], "last_id": cursor[1]}
+                raw = tx.execute(self._next, values).fetchall()
+        finally:
+            tx.close()
+        if conn.dialect.name == "sqlite":  # stored as text; the ledger's times are naive UTC
+            parse, make = datetime.fromisoformat, _Row._make
+            return [make((r[0], parse(r[1]), *r[2:])) for r in raw]
+        return [_Row._make(r) for r in raw]
+
+
+class _Pricer:
+    """Prices rows as ``PriceBook.quote`` does, from integer rates worked out once per model,
+    provider and service tier (``PriceBook.terms``): the same cost, status and provenance
+    (``tests/prices/test_recompute_pricing.py`` sweeps it against ``quote``), without quoting
+    each row. Rows whose prices vary in time get their terms at their own time; a price only
+    genai-prices' calculation is exact for (or counts too large for the integer rates to be
+    sure of) is quoted."""
+
+    def __init__(self, book: PriceBook) -> None:
+        self._book = book
+        # (model, provider, service tier) -> terms valid at every time, or None: look per row.
+        self._timeless: dict[tuple[str, str, str | None], QuoteTerms | None] = {}
+
+    def _terms(self, row: Any) -> QuoteTerms | None:
+        key = (row[2], row[3], row[18])
+        try:
+            terms = self._timeless[key]
+        except KeyError:
+            terms = self._book.terms(row[2], provider=row[3], at=row[1], service_tier=row[18])
+            self._timeless[key] = terms if terms is not None and terms.timeless else None
+            return terms
+        if terms is None:
+            return self._book.terms(row[2], provider=row[3], at=row[1], service_tier=row[18])
+        return terms
+
+    def _quote(self, row: Any, estimated: bool) -> tuple[Any, ...]:
+        quote = self._book.quote(
             row[2],
             TokenUsage(row[8], row[9], row[10], row[11]),
-            estimated="usage_missing" in flags,
+            estimated=estimated,
             provider=row[3],
             at=row[1],
             service_tier=row[18],
         )
         if quote.status == "unpriced":
-            new = (0, "unpriced", None, None, None)
-        else:
-            new = (usd_to_pico(quote.cost_usd), quote.status, quote.ref, quote.entry, quote.tier)
-    totals.rows_examined += 1
-    totals.cost_before_pico += old[0]
-    totals.cost_after_pico += new[0]
-    was_unpriced, is_unpriced = old[1] == "unpriced", new[1] == "unpriced"
-    totals.unpriced_before += was_unpriced
-    totals.unpriced_after += is_unpriced
-    totals.sources_before[old[2] or "none"] += 1
-    totals.sources_after[new[2] or "none"] += 1
-    if new == old:
-        return None
-    totals.rows_changed += 1
-    values = dict(zip(_PRICE_COLUMNS, new, strict=True))
-    return _Change(row, values, new[0] - old[0], int(is_unpriced) - int(was_unpriced))
+            return (0, "unpriced", None, None, None)
+        return (usd_to_pico(quote.cost_usd), quote.status, quote.ref, quote.entry, quote.tier)
+
+    def reprice(self, rows: Sequence[Any], totals: Totals) -> list[_Change]:
+        """Count the rows in ``totals``; the changes of those whose price changes.
+
+        Positional reads (``_READ``'s order) and locals: this runs once per row of the ledger.
+        """
+        changes: list[_Change] = []
+        cost_before = cost_after = unpriced_before = unpriced_after = 0
+        sources: Counter[tuple[str | None, str | None]] = Counter()
+        terms_of, quote = self._terms, self._quote
+        for row in rows:
+            old = (row[12], row[13], row[15], row[16], row[17])  # _PRICE_COLUMNS
+            new: tuple[Any, ...] = old
+            flags = row[14] or ""
+            if "absurd_tokens" not in flags:  # counts the live path refused to price
+                estimated = "usage_missing" in flags
+                terms = terms_of(row)
+                priced = (
+                    None
+                    if terms is None
+                    else terms.price(row[8], row[9], row[10], row[11], estimated)
+                )
+                new = quote(row, estimated) if priced is None else priced
+            cost_before += old[0]
+            cost_after += new[0]
+            was_unpriced, is_unpriced = old[1] == "unpriced", new[1] == "unpriced"
+            unpriced_before += was_unpriced
+            unpriced_after += is_unpriced
+            sources[(old[2], new[2])] += 1
+            if new != old:
+                changes.append(
+                    _Change(row, new, new[0] - old[0], int(is_unpriced) - int(was_unpriced))
+                )
+        totals.rows_examined += len(rows)
+        totals.rows_changed += len(changes)
+        totals.cost_before_pico += cost_before
+        totals.cost_after_pico += cost_after
+        totals.unpriced_before += unpriced_before
+        totals.unpriced_after += unpriced_after
+        for (before, after), count in sources.items():
+            totals.sources_before[before or "none"] += count
+            totals.sources_after[after or "none"] += count
+        return changes
 
 
 def _write_rows(conn: Connection, changes: Sequence[_Change]) -> None:
     if conn.dialect.name == "postgresql":
         # One statement for the batch: the new values as arrays, joined to the rows by id.
         columns = ("id", *_PRICE_COLUMNS)
-        arrays: dict[str, list[Any]] = {name: [] for name in columns}
-        for change in changes:
-            arrays["id"].append(change.row.id)
-            for name in _PRICE_COLUMNS:
-                arrays[name].append(change.values[name])
+        transposed = zip(*((change.row.id, *change.new) for change in changes), strict=True)
+        arrays = {name: list(values) for name, values in zip(columns, transposed, strict=True)}
         conn.execute(
             text(
                 "UPDATE llm_usage AS u SET cost_pico_usd = v.cost_pico_usd, "
@@ -340,37 +446,70 @@ def _write_rows(conn: Connection, changes: Sequence[_Change]) -> None:
             arrays,
         )
         return
-    conn.execute(
-        update(_usage).where(_u.id == bindparam("row_id")),
-        [{"row_id": change.row.id, **change.values} for change in changes],
-    )
+    # SQLite: one prepared UPDATE run for every row by the driver (no per-row SQLAlchemy work).
+    cursor = conn.connection.cursor()
+    try:
+        cursor.executemany(
+            _SQLITE_UPDATE_ROW,
+            [(*change.new, change.row.row_key) for change in changes],
+        )
+    finally:
+        cursor.close()
+
+
+_SQLITE_UPDATE_ROW = (  # _PRICE_COLUMNS, then the rowid (read in this transaction)
+    "UPDATE llm_usage SET cost_pico_usd = ?, cost_status = ?, price_source = ?, "
+    "price_entry = ?, price_tier = ? WHERE rowid = ?"
+)
+
+
+@contextmanager
+def _pipelined(conn: Connection) -> Iterator[None]:
+    """PostgreSQL: the statements of the block sent without waiting for each one's answer
+    (psycopg's pipeline mode; errors are raised at the block's end, and roll the batch back);
+    a network round trip per rollup statement would be most of a batch's time. SQLite: as is."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    with conn.connection.dbapi_connection.pipeline():  # type: ignore[union-attr]
+        yield
 
 
 def _apply_rollups(conn: Connection, changes: Sequence[_Change]) -> None:
-    """The rows' differences summed per rollup key, applied in key order."""
-    deltas: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
+    """The rows' differences summed per rollup key, applied in key order.
+
+    A row's cost difference also moves the waste cost it counts in (an error's, a truncated
+    answer's, a retried call's: ``writer.rollup_values``)."""
+    deltas: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for change in changes:
         row = change.row
         key = (
             utc_day(row.timestamp), row.user_id or "", row.task_id or "", row.model,
-            row.agent or "", row.provider, row.operation,
+            row.agent or "", row.provider, row.operation, utc_hour(row.timestamp),
         )  # fmt: skip
         delta = deltas[key]
         delta[0] += change.cost_delta
         delta[1] += change.unpriced_delta
+        delta[2] += change.cost_delta if row.status == "error" else 0
+        delta[3] += change.cost_delta if row.finish_reason == "length" else 0
+        delta[4] += change.cost_delta if row.attempts > 1 else 0
     tx = Tx.of(conn)
-    for key in sorted(deltas):
-        cost, unpriced = deltas[key]
-        if cost or unpriced:
-            day, user_id, task_id, model, agent, provider, operation = key
-            apply_to_rollups(
-                tx,
-                {
-                    "day": day, "user_id": user_id, "task_id": task_id, "model": model,
-                    "agent": agent, "provider": provider, "operation": operation,
-                    "cost_pico_usd": cost, "unpriced_calls": unpriced,
-                },
-            )  # fmt: skip
+    with _pipelined(conn):  # PostgreSQL: the upserts sent without a round trip each
+        for key in sorted(deltas):
+            cost, unpriced, error_cost, truncated_cost, retried_cost = deltas[key]
+            if cost or unpriced:
+                day, user_id, task_id, model, agent, provider, operation, hour = key
+                apply_to_rollups(
+                    tx,
+                    {
+                        "day": day, "user_id": user_id, "task_id": task_id, "model": model,
+                        "agent": agent, "provider": provider, "operation": operation, "hour": hour,
+                        "cost_pico_usd": cost, "unpriced_calls": unpriced,
+                        "error_cost_pico_usd": error_cost,
+                        "truncated_cost_pico_usd": truncated_cost,
+                        "retried_cost_pico_usd": retried_cost,
+                    },
+                )  # fmt: skip
 
 
 def _apply_counters(conn: Connection, changes: Sequence[_Change]) -> None:

@@ -6,7 +6,9 @@ burst of concurrent calls convoyed: every thread wants the GIL back after each s
 the holder of the SQLite write lock waited several GIL switch intervals per transaction while
 the others queued behind it. Here one thread per database does that work, and a write takes the
 writes queued behind it into the same transaction: one commit (one fsync on PostgreSQL) for the
-lot. The event loop only awaits a future. One thread, not a few: two batches committing side by
+lot, the rows in one ``executemany`` and each rollup's increments summed per key first
+(``writer.insert_new_usage``), so calls of one task written together cost one statement per
+rollup. The event loop only awaits a future. One thread, not a few: two batches committing side by
 side would lock the shared rollup and counter rows of several calls in different orders, which
 PostgreSQL can only resolve as a deadlock.
 
@@ -35,7 +37,7 @@ from typing import Any, TypeVar
 
 from app.core.prepared import Tx
 from app.tracking.record import UsageRecord
-from app.tracking.writer import UsageWriter, WriteOutcome, insert_usage
+from app.tracking.writer import UsageWriter, WriteOutcome, insert_new_usage
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +205,8 @@ class DbWorker:
         if len(writes) > 1 and not self._writer.breaker.is_open:
             try:
                 with self._writer.breaker.transaction(self._writer.gate) as tx:
+                    insert_new_usage(tx, [job.record for job in writes])
                     for job in writes:
-                        insert_usage(tx, job.record)
                         if job.also is not None:
                             job.also(tx)
             except Exception as exc:

@@ -1,10 +1,14 @@
 """Persist usage rows exactly once: insert-if-new plus the daily rollups, in one transaction.
 
-Three rollups are incremented with each new row, all through :func:`apply_to_rollups`:
+The rollups are incremented with each new row, all through :func:`apply_to_rollups`:
 ``usage_rollup_daily`` (per day, user, task, model, agent, provider and operation: the task
-report), ``usage_rollup_user_daily`` (per user, day, model, provider and operation: the user
-report and everyone's spend by user) and ``usage_rollup_daily_overall`` (per day, model, agent,
-provider and operation: everyone's spend, a few dozen rows a day however many tasks ran).
+report), ``usage_rollup_task_total`` (per task, its calls and cost over all time: the web
+overview's top tasks; not for calls of no task), ``usage_rollup_user_daily`` (per user, day,
+model, provider and operation: the user report and everyone's spend by user),
+``usage_rollup_hourly`` (per user, UTC hour and model, calls and cost only: the anomaly scan)
+and ``usage_rollup_daily_overall`` (per day, model, agent, provider and operation: everyone's
+spend, a few dozen rows a day however many tasks ran). The daily ones also sum the waste the
+recommendations name (failed, truncated and retried calls' spend).
 
 When the database is unreachable the row goes to the local spool, with the budget settlement
 of its call, and a background thread replays both in one transaction when the database is back
@@ -21,12 +25,12 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Date, Engine, bindparam, func
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from app.core.prepared import Statement, Tx, dialect_insert, write_gate
@@ -35,6 +39,8 @@ from app.models import (
     LLMUsage,
     UsageRollupDaily,
     UsageRollupDailyOverall,
+    UsageRollupHourly,
+    UsageRollupTaskTotal,
     UsageRollupUserDaily,
 )
 from app.observability import USAGE_SPOOL_PENDING, USAGE_SPOOLED
@@ -47,10 +53,17 @@ logger = logging.getLogger(__name__)
 _ROLLUP_KEY = ("day", "user_id", "task_id", "model", "agent", "provider", "operation")
 _USER_KEY = ("user_id", "day", "model", "provider", "operation")
 _OVERALL_KEY = ("day", "model", "agent", "provider", "operation")
+_HOURLY_KEY = ("user_id", "hour", "model")
+_HOURLY_SUMS = ("requests", "cost_pico_usd")  # narrow: it is paid on every call
+_WASTE_SUMS = (
+    "error_cost_pico_usd", "truncated_calls", "truncated_cost_pico_usd", "retried_calls",
+    "retry_attempts", "retried_cost_pico_usd",
+)  # fmt: skip
 _ROLLUP_SUMS = (
     "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
     "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "cost_pico_usd",
     "latency_ms_sum", *(f"lat_b{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)),
+    *_WASTE_SUMS,
 )  # fmt: skip
 
 
@@ -65,19 +78,56 @@ def _add_row(dialect: str) -> Any:
     return insert(usage).on_conflict_do_nothing(index_elements=["request_id"]).returning(usage.c.id)
 
 
-def _add_to(table: Any, key: tuple[str, ...]) -> Callable[[str], Any]:
+def _add_rows(dialect: str) -> Any:
+    insert = dialect_insert(dialect)
+    return insert(LLMUsage.__table__).on_conflict_do_nothing(index_elements=["request_id"])
+
+
+def _add_to(
+    table: Any, key: tuple[str, ...], sums: tuple[str, ...] = _ROLLUP_SUMS
+) -> Callable[[str], Any]:
     def build(dialect: str) -> Any:
         stmt = dialect_insert(dialect)(table)
         return stmt.on_conflict_do_update(
             index_elements=list(key),
-            set_={name: table.c[name] + stmt.excluded[name] for name in _ROLLUP_SUMS},
+            set_={name: table.c[name] + stmt.excluded[name] for name in sums},
         )
 
     return build
 
 
+def _add_to_task_total(dialect: str) -> Any:
+    """The per-task total: calls and cost added, the first and last day widened, the greatest
+    user kept (the overview's owner of a task)."""
+    table: Any = UsageRollupTaskTotal.__table__
+    day = bindparam("day", type_=Date)
+    stmt = dialect_insert(dialect)(table).values(
+        task_id=bindparam("task_id"),
+        user_id=bindparam("user_id"),
+        first_day=day,
+        last_day=day,
+        requests=bindparam("requests"),
+        cost_pico_usd=bindparam("cost_pico_usd"),
+    )
+    # Two-argument min/max are SQLite's scalar functions; PostgreSQL spells them least/greatest.
+    pg = dialect == "postgresql"
+    least, greatest = (func.least, func.greatest) if pg else (func.min, func.max)
+    c, new = table.c, stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=["task_id"],
+        set_={
+            "user_id": greatest(c.user_id, new.user_id),
+            "first_day": least(c.first_day, new.first_day),
+            "last_day": greatest(c.last_day, new.last_day),
+            "requests": c.requests + new.requests,
+            "cost_pico_usd": c.cost_pico_usd + new.cost_pico_usd,
+        },
+    )
+
+
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
 ADD_ROW = Statement(_add_row, column_keys=[*_ROW_FIELDS, "total_tokens"])
+ADD_ROWS = Statement(_add_rows, column_keys=[*_ROW_FIELDS, "total_tokens"])  # no RETURNING
 ADD_TO_ROLLUP = Statement(
     _add_to(UsageRollupDaily.__table__, _ROLLUP_KEY), column_keys=[*_ROLLUP_KEY, *_ROLLUP_SUMS]
 )
@@ -88,11 +138,37 @@ ADD_TO_OVERALL = Statement(
     _add_to(UsageRollupDailyOverall.__table__, _OVERALL_KEY),
     column_keys=[*_OVERALL_KEY, *_ROLLUP_SUMS],
 )
-# Every rollup, in the order a transaction locks their rows: the per-task row (one writer at a
+ADD_TO_TASK_TOTAL = Statement(_add_to_task_total)  # not run for calls of no task
+ADD_TO_HOURLY = Statement(
+    _add_to(UsageRollupHourly.__table__, _HOURLY_KEY, _HOURLY_SUMS),
+    column_keys=[*_HOURLY_KEY, *_HOURLY_SUMS],
+)
+# Every rollup, in the order a transaction locks their rows: the per-task ones (one writer at a
 # time per task), the user's, then everyone's (shared by every writer of the day and model), so
 # the most contended lock is taken last and held as briefly as possible.
-ROLLUP_STATEMENTS = (ADD_TO_ROLLUP, ADD_TO_USER, ADD_TO_OVERALL)
-ROLLUP_KEY_FIELDS: tuple[str, ...] = tuple(dict.fromkeys((*_ROLLUP_KEY, *_USER_KEY, *_OVERALL_KEY)))
+# (The user's hourly spend, ADD_TO_HOURLY, is locked right after the user's daily row.)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rollup:
+    statement: Statement
+    # The values the statement reads besides the sums: rows that agree on them can be added in
+    # one execution (``insert_new_usage``).
+    group_by: tuple[str, ...]
+    tasks_only: bool = False  # calls of no task have no row here (nor one hot row for them all)
+
+
+_ROLLUPS = (
+    _Rollup(ADD_TO_ROLLUP, _ROLLUP_KEY),
+    _Rollup(ADD_TO_TASK_TOTAL, ("task_id", "user_id", "day"), tasks_only=True),
+    _Rollup(ADD_TO_USER, _USER_KEY),
+    _Rollup(ADD_TO_HOURLY, _HOURLY_KEY),
+    _Rollup(ADD_TO_OVERALL, _OVERALL_KEY),
+)
+ROLLUP_STATEMENTS = tuple(rollup.statement for rollup in _ROLLUPS)
+ROLLUP_KEY_FIELDS: tuple[str, ...] = tuple(
+    dict.fromkeys((*_ROLLUP_KEY, *_USER_KEY, *_HOURLY_KEY, *_OVERALL_KEY))
+)
 ROLLUP_SUM_FIELDS: tuple[str, ...] = _ROLLUP_SUMS
 
 
@@ -107,11 +183,22 @@ def utc_day(moment: datetime) -> date:
     return moment.astimezone(UTC).date() if moment.tzinfo is not None else moment.date()
 
 
+def utc_hour(moment: datetime) -> datetime:
+    """The start of the UTC hour of ``moment`` (a naive one is taken as UTC), timezone-aware."""
+    moment = moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
 def rollup_values(record: UsageRecord) -> dict[str, Any]:
     """What ``record`` adds to the rollups: its key (``ROLLUP_KEY_FIELDS``, '' for a missing
     user, task or agent) and its sums (``ROLLUP_SUM_FIELDS``)."""
+    cost = record.cost_pico_usd
+    error = record.status == "error"
+    truncated = record.finish_reason == "length"
+    retried = record.attempts > 1
     values: dict[str, Any] = {
         "day": utc_day(record.timestamp),
+        "hour": utc_hour(record.timestamp),
         "user_id": record.user_id or "",
         "task_id": record.task_id or "",
         "model": record.model,
@@ -130,6 +217,12 @@ def rollup_values(record: UsageRecord) -> dict[str, Any]:
         "total_tokens": record.total_tokens,
         "cost_pico_usd": record.cost_pico_usd,
         "latency_ms_sum": record.latency_ms,
+        "error_cost_pico_usd": cost if error else 0,
+        "truncated_calls": int(truncated),
+        "truncated_cost_pico_usd": cost if truncated else 0,
+        "retried_calls": int(retried),
+        "retry_attempts": record.attempts - 1 if retried else 0,
+        "retried_cost_pico_usd": cost if retried else 0,
     }
     bucket = latency_bucket(record.latency_ms)
     for i in range(len(LATENCY_BUCKETS_MS) + 1):
@@ -154,8 +247,42 @@ def apply_to_rollups(conn: Tx | Connection, values: Mapping[str, Any], sign: int
             **{name: sign * values.get(name, 0) for name in ROLLUP_SUM_FIELDS},
         }
     tx = Tx.coerce(conn)
-    for statement in ROLLUP_STATEMENTS:
-        tx.execute(statement, signed)
+    for rollup in _ROLLUPS:
+        if signed["task_id"] or not rollup.tasks_only:
+            tx.execute(rollup.statement, signed)
+
+
+class RowsNotNew(Exception):
+    """A row of a batch given to ``insert_new_usage`` was in the ledger already."""
+
+
+def insert_new_usage(tx: Tx, records: Sequence[UsageRecord]) -> None:
+    """Insert ``records``, rows of calls just made, and add them to every rollup: the rows in
+    one ``executemany``, each rollup's increments summed per key first, so a batch of calls of
+    the same task costs one statement per rollup, not one per row and rollup.
+
+    Raises ``RowsNotNew`` when any of them was written before (a replay): the caller rolls the
+    transaction back and writes them one by one with ``insert_usage``, which skips that row.
+    """
+    if tx.execute_many(ADD_ROWS, [row_values(r) for r in records]).rowcount != len(records):
+        raise RowsNotNew
+    values = [rollup_values(record) for record in records]
+    for rollup in _ROLLUPS:
+        sums: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for row in values:
+            if rollup.tasks_only and not row["task_id"]:
+                continue
+            key = tuple(row[name] for name in rollup.group_by)
+            total = sums.get(key)
+            if total is None:
+                sums[key] = dict(row)
+            else:
+                for name in ROLLUP_SUM_FIELDS:
+                    total[name] += row[name]
+        if len(sums) == 1:
+            tx.execute(rollup.statement, next(iter(sums.values())))
+        elif sums:  # in key order: every writer locks the rows of a rollup in the same order
+            tx.execute_many(rollup.statement, [sums[key] for key in sorted(sums)])
 
 
 def insert_usage(conn: Tx | Connection, record: UsageRecord) -> bool:

@@ -1,8 +1,9 @@
 """Retention of raw usage rows: delete ``llm_usage`` rows older than N days, in batches.
 
-The daily rollups (``usage_rollup_daily``, ``usage_rollup_user_daily``,
-``usage_rollup_daily_overall``) are never pruned, so every usage report stays complete; only
-the per-call detail (export, error messages, trace ids) goes. The cut-off is aligned to UTC days
+The rollups (``usage_rollup_daily``, ``usage_rollup_user_daily``,
+``usage_rollup_daily_overall``, the per-task totals and ``usage_rollup_hourly``) are never
+pruned, so every usage report stays complete; only the per-call detail (export, error messages,
+trace ids) goes. The cut-off is aligned to UTC days
 like the reports' windows: ``older_than_days=N`` keeps the N whole UTC days ending today and
 deletes everything before 00:00 UTC of today-(N-1).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -44,7 +45,19 @@ def random_ledger(count: int, seed: int = 7) -> list[UsageRecord]:
                 timestamp=NOW - timedelta(seconds=rng.randint(0, 40 * 86400)),
             )
         )
-    return records
+    # Waste the recommendations read (truncated answers, the SDK's retries), drawn from their
+    # own generator so the fields above stay what they were.
+    waste = random.Random(seed + 1)
+    return [
+        dataclasses.replace(
+            record,
+            finish_reason=waste.choice(["stop", "stop", "length", None]),
+            attempts=waste.choice([1, 1, 1, 2, 3]),
+        )
+        if record.status != "blocked"
+        else record
+        for record in records
+    ]
 
 
 def assert_same_report(actual: Any, expected: Any, path: str = "") -> None:

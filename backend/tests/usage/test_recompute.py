@@ -3,6 +3,7 @@ usage rollup, the budget counters and the task metrics move together and exactly
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -34,6 +36,7 @@ from app.models import (
     TaskMetricsDaily,
     UsageRollupDaily,
     UsageRollupDailyOverall,
+    UsageRollupHourly,
     UsageRollupUserDaily,
 )
 from app.prices.recompute import RecomputeScope, recompute_prices
@@ -41,7 +44,7 @@ from app.tasks.metrics_writer import record_task_metrics
 from app.tracking.pricing import PriceBook, TokenUsage
 from app.tracking.record import UsageRecord
 from app.tracking.spool import UsageSpool
-from app.tracking.writer import UsageWriter, insert_usage, utc_day
+from app.tracking.writer import UsageWriter, insert_usage, utc_day, utc_hour
 
 M = Decimal(1_000_000)
 LLAMA = {
@@ -58,7 +61,20 @@ ROLLUP_KEYS: dict[type, tuple[str, ...]] = {
     UsageRollupDaily: ("day", "user_id", "task_id", "model", "agent", "provider", "operation"),
     UsageRollupUserDaily: ("user_id", "day", "model", "provider", "operation"),
     UsageRollupDailyOverall: ("day", "model", "agent", "provider", "operation"),
+    UsageRollupHourly: ("user_id", "hour", "model"),
 }
+# What each rollup sums, as (column, the row's contribution): the cost, the unpriced calls and
+# the waste sums (revision 0016; the hourly rollup has the cost only).
+ROLLUP_SUMS: tuple[tuple[str, Any], ...] = (
+    ("cost_pico_usd", lambda r: r.cost_pico_usd),
+    ("unpriced_calls", lambda r: int(r.cost_status == "unpriced" and r.status != "blocked")),
+    ("error_cost_pico_usd", lambda r: r.cost_pico_usd if r.status == "error" else 0),
+    ("truncated_calls", lambda r: int(r.finish_reason == "length")),
+    ("truncated_cost_pico_usd", lambda r: r.cost_pico_usd if r.finish_reason == "length" else 0),
+    ("retried_calls", lambda r: int(r.attempts > 1)),
+    ("retry_attempts", lambda r: max(r.attempts - 1, 0)),
+    ("retried_cost_pico_usd", lambda r: r.cost_pico_usd if r.attempts > 1 else 0),
+)
 
 
 def tracked(
@@ -118,6 +134,20 @@ def ledger(engine: Engine) -> list[UsageRecord]:
         seed_counters(Tx.of(conn), counter_keys(), NOW)
     rng, book = random.Random(5), PriceBook()
     records = [tracked(book, rng) for _ in range(300)]
+    # Waste whose cost a recompute moves: truncated and retried answers, and failed calls that
+    # reported their usage (partial: priced from their tokens).
+    waste = random.Random(6)
+    for i, record in enumerate(records):
+        if record.status == "success" and waste.random() < 0.4:
+            records[i] = dataclasses.replace(
+                record,
+                finish_reason=waste.choice(["length", "stop"]),
+                attempts=waste.choice([1, 2, 3]),
+            )
+    for _ in range(30):
+        record = tracked(book, rng)
+        if record.status == "success":
+            records.append(dataclasses.replace(record, status="error", is_partial=True))
     with engine.begin() as conn:
         for record in records:
             insert_usage(conn, record)
@@ -138,23 +168,26 @@ def assert_consistent(engine: Engine) -> None:
     ledger = rows(engine)
     with engine.connect() as conn:
         for table, key in ROLLUP_KEYS.items():
-            expected: Counter[tuple[Any, ...]] = Counter()
-            unpriced: Counter[tuple[Any, ...]] = Counter()
+            hourly = table is UsageRollupHourly
+            columns = ("cost_pico_usd",) if hourly else tuple(n for n, _ in ROLLUP_SUMS)
+            expected: dict[tuple[Any, ...], list[int]] = {}
             for row in ledger:
                 values = {
                     "day": utc_day(row.timestamp), "user_id": row.user_id or "",
                     "task_id": row.task_id or "", "model": row.model, "agent": row.agent or "",
                     "provider": row.provider, "operation": row.operation,
+                    "hour": utc_hour(row.timestamp),
                 }  # fmt: skip
                 k = tuple(values[name] for name in key)
-                expected[k] += row.cost_pico_usd
-                unpriced[k] += row.cost_status == "unpriced" and row.status != "blocked"
+                sums = expected.setdefault(k, [0] * len(columns))
+                for i, (_name, of) in enumerate(ROLLUP_SUMS[: len(columns)]):
+                    sums[i] += of(row)
             t = table.__table__.c  # type: ignore[attr-defined]
-            found = conn.execute(select(*(t[n] for n in key), t.cost_pico_usd, t.unpriced_calls))
-            got = {tuple(r[: len(key)]): (r[-2], r[-1]) for r in found}
-            want = {k: (expected[k], unpriced[k]) for k in expected}
-            assert {k: v for k, v in got.items() if v != (0, 0)} == {
-                k: v for k, v in want.items() if v != (0, 0)
+            found = conn.execute(select(*(t[n] for n in key), *(t[n] for n in columns)))
+            got = {_key(r[: len(key)]): list(r[len(key) :]) for r in found}
+            want = {_key(k): v for k, v in expected.items()}
+            assert {k: v for k, v in got.items() if any(v)} == {
+                k: v for k, v in want.items() if any(v)
             }, table.__tablename__  # type: ignore[attr-defined]
         for c in conn.execute(select(BudgetCounter.__table__)).all():
             day = c.window_start
@@ -186,6 +219,13 @@ def assert_consistent(engine: Engine) -> None:
         assert daily == sum(usd_to_pico(Decimal(str(v))) for _, v in costs)
 
 
+def _key(values: Sequence[Any]) -> tuple[Any, ...]:
+    """A rollup key comparable across dialects (SQLite returns a naive UTC hour)."""
+    return tuple(
+        v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None else v for v in values
+    )
+
+
 def scope(**kwargs: Any) -> RecomputeScope:
     return RecomputeScope(until=NOW + timedelta(seconds=1), **kwargs)
 
@@ -207,8 +247,13 @@ def test_an_override_added_after_the_fact_prices_the_unpriced_rows_and_moves_eve
     run_id = recompute_prices(engine, book, scope(), actor="ops", batch_rows=37)
 
     after = {r.id: r for r in rows(engine)}
-    repriced = [r for r in ledger if r.model == "my-llama" and r.status == "success"]
+    # Successes, and failed calls that reported their usage (priced from their tokens too).
+    costed = [r for r in ledger if r.status == "success" or r.is_partial]
+    repriced = [r for r in costed if r.model == "my-llama"]
     assert len(repriced) > 20
+    assert any(r.status == "error" for r in repriced)
+    assert any(r.finish_reason == "length" for r in repriced)
+    assert any(r.attempts > 1 for r in repriced)
     ref = book.overrides_source.ref if book.overrides_source else None
     added = 0
     for record in repriced:
@@ -272,7 +317,9 @@ def test_only_rows_in_the_scope_are_repriced(engine: Engine, ledger: list[UsageR
     in_scope = {
         r.id
         for r in ledger
-        if r.model == "claude-sonnet-4-5" and r.status == "success" and r.timestamp >= since
+        if r.model == "claude-sonnet-4-5"
+        and (r.status == "success" or r.is_partial)
+        and r.timestamp >= since
     }
     before = {r.id: r for r in rows(engine)}
 
@@ -383,7 +430,7 @@ def test_two_recomputes_at_once_apply_each_difference_once(
     assert_consistent(engine)
     changed = sum(audit_of(engine, run_id).rows_changed for run_id in runs)
     expected = [r for r in ledger if r.model in ("my-llama", "gpt-4o-mini")]
-    assert changed == len([r for r in expected if r.status == "success"])
+    assert changed == len([r for r in expected if r.status == "success" or r.is_partial])
 
 
 def test_a_recompute_in_another_process_while_calls_are_written_keeps_every_sum(
