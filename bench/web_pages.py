@@ -185,10 +185,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100_000, help="tasks rows to have")
     parser.add_argument("--requests", type=int, default=20, help="requests per page")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--out", type=Path, help="where the JSON goes (default bench/results/web-<db>-<rows>.json)"
+    )
     args = parser.parse_args()
     result = asyncio.run(bench(args.db, args.tasks, args.requests, args.seed))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"web-{result['database']}-{result['llm_usage_rows']}.json"
+    out = args.out or RESULTS / f"web-{result['database']}-{result['llm_usage_rows']}.json"
     out.write_text(json.dumps(result, indent=2))
     print()
     print(markdown(result))

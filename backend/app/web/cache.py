@@ -1,10 +1,11 @@
 """Figures of UTC days that have ended, kept for a short while.
 
-An administrator's everyone-wide tables (spend by user and by task over 30 days) add up a row
-of ``usage_rollup_daily`` per task and day: tens of thousands for a busy month, more than a
-page may spend. Days that have ended hardly change, so their part is computed once and kept
-``ttl`` seconds; today's part is always read afresh. What can still change an ended day (a
-usage row replayed from the spool after an outage) shows within ``ttl``.
+An administrator's everyone-wide figures (the cost of every user over 30 or 90 days, on the
+overview and the usage page) add up a row of ``usage_rollup_user_daily`` per user, day and
+model: tens of thousands for a busy month. Days that have ended hardly change, so their part
+is computed once and kept ``ttl`` seconds; today's part is always read afresh. What can still
+change an ended day (a usage row replayed from the spool after an outage) shows within
+``ttl``.
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ The headline figures are the usage API's own answer (``user_usage`` for a user,
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from app.access.principal import Principal
@@ -70,55 +71,18 @@ class Overview:
         return self.totals.errors / requests if requests else None
 
 
-@dataclass
-class SpendShares:
-    """Who and which tasks the spend of some days went to, in picodollars."""
-
-    per_task: dict[str, int] = field(default_factory=dict)
-    task_calls: dict[str, int] = field(default_factory=dict)
-    task_user: dict[str, str] = field(default_factory=dict)
-    per_user: dict[str, int] = field(default_factory=dict)
-    user_day: dict[tuple[date, str], int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, cells: list[queries.SpendCell]) -> SpendShares:
-        shares = cls()
-        shares.add(cells)
-        return shares
-
-    def add(self, cells: list[queries.SpendCell]) -> None:
-        per_task, calls, owner = self.per_task, self.task_calls, self.task_user
-        per_user, user_day = self.per_user, self.user_day
-        for day, user, task, cost, requests in cells:
-            if task:
-                per_task[task] = per_task.get(task, 0) + cost
-                calls[task] = calls.get(task, 0) + requests
-                owner[task] = max(owner.get(task, ""), user)
-            user = user or "(none)"
-            per_user[user] = per_user.get(user, 0) + cost
-            user_day[(day, user)] = user_day.get((day, user), 0) + cost
-
-    def plus(self, cells: list[queries.SpendCell]) -> SpendShares:
-        """A copy with ``cells`` added (this one may be shared: it is never changed)."""
-        merged = SpendShares(
-            dict(self.per_task),
-            dict(self.task_calls),
-            dict(self.task_user),
-            dict(self.per_user),
-            dict(self.user_day),
-        )
-        merged.add(cells)
-        return merged
-
-    def top_tasks(self) -> list[TopTask]:
-        ranked = sorted(self.per_task.items(), key=lambda item: (-item[1], item[0]))[:TOP]
-        return [
-            TopTask(t, self.task_user[t], pico_to_usd(c), self.task_calls[t]) for t, c in ranked
-        ]
-
-    def top_users(self) -> list[TopUser]:
-        ranked = sorted(self.per_user.items(), key=lambda item: (-item[1], item[0]))[:TOP]
-        return [TopUser(u, pico_to_usd(c)) for u, c in ranked]
+def _top_tasks_of(cells: list[queries.SpendCell]) -> list[TopTask]:
+    """The most expensive tasks of ``cells`` (one user's: a few hundred rows a month)."""
+    cost: dict[str, int] = defaultdict(int)
+    calls: dict[str, int] = defaultdict(int)
+    owner: dict[str, str] = {}
+    for _, user, task, pico, requests in cells:
+        if task:
+            cost[task] += pico
+            calls[task] += requests
+            owner[task] = max(owner.get(task, ""), user)
+    ranked = sorted(cost.items(), key=lambda item: (-item[1], item[0]))[:TOP]
+    return [TopTask(t, owner[t], pico_to_usd(c), calls[t]) for t, c in ranked]
 
 
 def build_overview(
@@ -129,8 +93,10 @@ def build_overview(
     *,
     closed_days: ClosedDaysCache | None = None,
 ) -> Overview:
-    """The viewer's overview; an administrator's spend by user and task of the days that have
-    ended comes from ``closed_days`` when given (today's is always read)."""
+    """The viewer's overview; an administrator's spend per user of the days that have ended
+    comes from ``closed_days`` when given (today's is always read). Everyone's top tasks are
+    ranked from the per-task totals (``queries.top_task_spend``, a few rows read), a user's
+    from their own per-task rows."""
     now = now or datetime.now(UTC)
     window = usage_report.usage_window(WINDOW_DAYS, now)
     since, until = window.since.date(), window.until.date()
@@ -148,14 +114,29 @@ def build_overview(
     model_day = queries.rollup_groups(
         conn, ("day", "model"), since, until, user_id=user_filter, cost_only=True
     )
-    if principal.is_admin and closed_days is not None:
-        ended = closed_days.get(
-            ("overview-spend", since, today),
-            lambda: SpendShares.of(queries.spend_cells(conn, since, today)),
+    if principal.is_admin:
+        # Everyone's: the top tasks from the per-task totals (a few rows read), spend by user
+        # and day from the per-user rollup (a row per user, day and model), not a row per task.
+        top_tasks = [
+            TopTask(task, user, pico_to_usd(cost), calls)
+            for task, user, cost, calls in queries.top_task_spend(conn, since, until, TOP)
+        ]
+        if closed_days is not None:
+            ended = closed_days.get(
+                ("overview-user-spend", since, today),
+                lambda: queries.user_spend(conn, since, today),
+            )
+            per_user = _merged(ended, queries.user_spend(conn, today, until))
+        else:
+            per_user = queries.user_spend(conn, since, until)
+        ranked = sorted(per_user.items(), key=lambda item: (-item[1], _user_label(item[0])))
+        top_users = [TopUser(_user_label(u), pico_to_usd(c)) for u, c in ranked[:TOP]]
+        chart_by_user: dict[str, Any] | None = _stacked_users(
+            conn, days, [u for u, _ in ranked], by_day
         )
-        shares = ended.plus(queries.spend_cells(conn, today, until))
     else:
-        shares = SpendShares.of(queries.spend_cells(conn, since, until, user_id=user_filter))
+        cells = queries.spend_cells(conn, since, until, user_id=user_filter)
+        top_tasks, top_users, chart_by_user = _top_tasks_of(cells), [], None
     overview = Overview(
         window_since=since,
         window_until=until,
@@ -165,14 +146,50 @@ def build_overview(
         totals=report.totals,
         by_model=report.by_model,
         unpriced_models=[m.model for m in report.by_model if m.unpriced_calls],
-        top_tasks=shares.top_tasks(),
-        top_users=shares.top_users() if principal.is_admin else [],
+        top_tasks=top_tasks,
+        top_users=top_users,
         budgets=_budgets(session, settings, principal),
         chart_by_model=_stacked(days, {(d, m): s.cost_pico_usd for (d, m), s in model_day}),
-        chart_by_user=_stacked(days, shares.user_day) if principal.is_admin else None,
+        chart_by_user=chart_by_user,
         scope="everyone's" if principal.is_admin else "yours",
     )
     return overview
+
+
+def _user_label(user_id: str) -> str:
+    return user_id or "(none)"
+
+
+def _merged(*parts: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for part in parts:  # a kept part is shared: never changed
+        for user, pico in part.items():
+            merged[user] = merged.get(user, 0) + pico
+    return merged
+
+
+def _stacked_users(
+    conn: Connection, days: list[date], ranked: list[str], by_day: dict[date, Decimal]
+) -> dict[str, Any]:
+    """Everyone's daily spend stacked by user, as ``_stacked`` draws it: the ``CHART_SERIES``
+    users who spent the most (``ranked``: most first), each day's rest as "other" (the day's
+    total, ``by_day``, less theirs). Only the shown users' days are read."""
+    shown = ranked[:CHART_SERIES]
+    cells = queries.users_daily_spend(conn, shown, days[0], days[-1] + timedelta(days=1))
+    index = {d: i for i, d in enumerate(days)}
+    points = {u: [0] * len(days) for u in shown}
+    for (day, user), pico in cells.items():
+        at = index.get(day)
+        if at is not None:
+            points[user][at] += pico
+    datasets = [{"label": _user_label(u), "data": [_dollars(p) for p in points[u]]} for u in shown]
+    if len(ranked) > CHART_SERIES:
+        other = [
+            int(by_day.get(day, Decimal(0)) * 10**12) - sum(points[u][i] for u in shown)
+            for i, day in enumerate(days)
+        ]
+        datasets.append({"label": "other", "data": [_dollars(p) for p in other]})
+    return {"labels": [d.isoformat() for d in days], "datasets": datasets}
 
 
 def _budgets(session: Session, settings: Settings, principal: Principal) -> list[Budget]:

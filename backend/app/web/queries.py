@@ -1,9 +1,10 @@
 """The console's reads that no API endpoint makes: filtered task pages, a task's calls in
-order, and rollup sums grouped by user or task.
+order, rollup sums grouped by user or task, and everyone's most expensive tasks.
 
-Every figure of spend comes from the daily rollups (``usage_rollup_daily`` per task,
-``usage_rollup_user_daily`` per user, ``usage_rollup_daily_overall`` for everyone), as the usage
-reports' do, so a page costs an index range scan whatever the number of calls. Visibility is
+Every figure of spend comes from the rollups (``usage_rollup_daily`` per task and day,
+``usage_rollup_user_daily`` per user, ``usage_rollup_daily_overall`` for everyone,
+``usage_rollup_task_total`` per task over all time), as the usage reports' do, so a page costs
+an index range scan whatever the number of calls. Visibility is
 the API's: a user's reads are restricted to their own ``user_id`` here, in the query, never
 after it.
 """
@@ -24,6 +25,8 @@ from app.models import (
     LLMUsage,
     Task,
     UsageRollupDaily,
+    UsageRollupTaskTotal,
+    UsageRollupUserDaily,
 )
 from app.usage.queries import SUM_FIELDS, UsageSums, rollup_table
 
@@ -160,6 +163,7 @@ def rollup_groups(
     until_day: date,
     *,
     user_id: str | None = None,
+    user_ids: Sequence[str] | None = None,
     cost_only: bool = False,
 ) -> list[tuple[tuple[Any, ...], UsageSums]]:
     """Sums per combination of ``keys`` over days in ``[since_day, until_day)``, of one user's
@@ -169,10 +173,11 @@ def rollup_groups(
     everyone's sums by model, agent, provider, operation and day from the overall rollup (a
     few rows a day); by user, or of one user, from the per-user rollup through its ``day``
     index or its ``(user_id, day, ...)`` key; by task, or one user's by agent, from
-    ``usage_rollup_daily``. With ``cost_only`` the sums hold the cost alone (in
+    ``usage_rollup_daily``. ``user_ids``: only these users' calls (ranges of the per-user
+    rollup's ``(user_id, day, ...)`` key). With ``cost_only`` the sums hold the cost alone (in
     ``UsageSums.cost_pico_usd``; the rest are zero).
     """
-    by_user = user_id is not None or "user" in keys
+    by_user = user_id is not None or user_ids is not None or "user" in keys
     c = rollup_table(by_task="task" in keys, by_user=by_user, by_agent="agent" in keys).c
     dims = [c[_COLUMNS[k]] for k in keys]
     names = ("cost_pico_usd",) if cost_only else SUM_FIELDS
@@ -181,6 +186,8 @@ def rollup_groups(
     )
     if user_id is not None:
         stmt = stmt.where(c.user_id == user_id)
+    if user_ids is not None:
+        stmt = stmt.where(c.user_id.in_(list(user_ids)))
     if "task" in keys:
         stmt = stmt.where(c.task_id != "")
     stmt = stmt.group_by(*dims).having(func.sum(c.requests) != 0)
@@ -207,7 +214,8 @@ def spend_cells(
     conn: Connection, since_day: date, until_day: date, *, user_id: str | None = None
 ) -> list[SpendCell]:
     """Cost and calls per (day, user, task) in ``[since_day, until_day)``: one range scan of
-    ``usage_rollup_daily`` that answers the overview's top tasks, top users and spend by user."""
+    ``usage_rollup_daily`` (one user's, through ``(user_id, day)``) that answers a user's top
+    tasks on the overview."""
     r = UsageRollupDaily
     stmt = (
         select(
@@ -235,3 +243,109 @@ def spend_cells(
 
 def _day(value: Any) -> date:
     return date.fromisoformat(value) if isinstance(value, str) else value  # SQLite: text
+
+
+TaskSpend = tuple[str, str, int, int]
+"""(task id, its user, picodollars, calls) of one task over some days."""
+
+_FIRST_CANDIDATES = 32  # tasks read in the first batch of the ranking; each next batch is 4x
+
+
+def top_task_spend(conn: Connection, since_day: date, until_day: date, top: int) -> list[TaskSpend]:
+    """Everyone's ``top`` most expensive tasks over days in ``[since_day, until_day)``, most
+    expensive first (ties by task id), exactly as summing ``usage_rollup_daily`` would rank
+    them, without reading a row per task of the window.
+
+    ``usage_rollup_task_total`` is read in descending total cost: a task's cost over some days
+    is at most its total (costs are never negative), so once ``top`` tasks cost more in the
+    window than the next candidate's total, no task further down can enter. A candidate whose
+    days all fall in the window costs its total there; one whose days straddle an end is summed
+    from its ``usage_rollup_daily`` rows (the ``(task_id, day)`` index). A task's user is the
+    greatest user id of its calls, as the overview has always named it.
+    """
+    t = UsageRollupTaskTotal
+    ranked: list[TaskSpend] = []
+    offset, batch = 0, _FIRST_CANDIDATES
+    while True:
+        candidates = conn.execute(
+            select(t.task_id, t.user_id, t.first_day, t.last_day, t.requests, t.cost_pico_usd)
+            .order_by(t.cost_pico_usd.desc())
+            .offset(offset)
+            .limit(batch)
+        ).all()
+        for task_id, user_id, first, last, requests, total in candidates:
+            if len(ranked) >= top and ranked[top - 1][2] > total:
+                return ranked[:top]
+            first, last = _day(first), _day(last)
+            if last < since_day or first >= until_day:
+                continue  # no call in the window
+            if first >= since_day and last < until_day:
+                spend: TaskSpend | None = (task_id, user_id, total, requests) if requests else None
+            else:
+                spend = _task_spend(conn, task_id, since_day, until_day)
+            if spend is not None:
+                ranked.append(spend)
+                ranked.sort(key=lambda item: (-item[2], item[0]))
+                del ranked[top:]
+        if len(candidates) < batch:
+            return ranked[:top]
+        offset += batch
+        batch *= 4
+
+
+def _task_spend(
+    conn: Connection, task_id: str, since_day: date, until_day: date
+) -> TaskSpend | None:
+    """One task's cost and calls over days in ``[since_day, until_day)`` from its per-day rows
+    (None when it made no call then), counted as ``spend_cells`` counts them."""
+    r = UsageRollupDaily
+    cells = (
+        select(
+            r.user_id,
+            func.sum(r.cost_pico_usd).label("cost"),
+            func.sum(r.requests).label("calls"),
+        )
+        .where(r.task_id == task_id, r.day >= since_day, r.day < until_day)
+        .group_by(r.day, r.user_id)
+        .having(func.sum(r.requests) != 0)
+        .subquery()
+    )
+    user, cost, calls = conn.execute(
+        select(
+            func.max(cells.c.user_id),
+            cast(func.sum(cells.c.cost), BigInteger),
+            cast(func.sum(cells.c.calls), BigInteger),
+        )
+    ).one()
+    return None if user is None else (task_id, user, cost or 0, calls or 0)
+
+
+def user_spend(conn: Connection, since_day: date, until_day: date) -> dict[str, int]:
+    """Everyone's cost per user over days in ``[since_day, until_day)``, in picodollars ('':
+    calls of no user), from the per-user rollup: one row per user back, not one per user and
+    day."""
+    u = UsageRollupUserDaily
+    stmt = (
+        select(u.user_id, cast(func.sum(u.cost_pico_usd), BigInteger))
+        .where(u.day >= since_day, u.day < until_day)
+        .group_by(u.user_id)
+        .having(func.sum(u.requests) != 0)
+    )
+    return {user: cost or 0 for user, cost in conn.execute(stmt)}
+
+
+def users_daily_spend(
+    conn: Connection, user_ids: Sequence[str], since_day: date, until_day: date
+) -> dict[tuple[date, str], int]:
+    """The cost per (UTC day, user) of ``user_ids`` over days in ``[since_day, until_day)``:
+    ranges of the per-user rollup's ``(user_id, day, ...)`` key, a few rows per user and day."""
+    if not user_ids:
+        return {}
+    u = UsageRollupUserDaily
+    stmt = (
+        select(u.day, u.user_id, cast(func.sum(u.cost_pico_usd), BigInteger))
+        .where(u.user_id.in_(list(user_ids)), u.day >= since_day, u.day < until_day)
+        .group_by(u.day, u.user_id)
+        .having(func.sum(u.requests) != 0)
+    )
+    return {(_day(d), user): cost or 0 for d, user, cost in conn.execute(stmt)}
