@@ -64,7 +64,13 @@ from app.core.db import create_session_factory, transaction  # noqa: E402
 from app.core.migrations import upgrade_to_head  # noqa: E402
 from app.core.runtime import Runtime  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import LLMUsage, Task, UsageRollupDaily, UsageRollupDailyOverall  # noqa: E402
+from app.models import (  # noqa: E402
+    LLMUsage,
+    Task,
+    UsageRollupDaily,
+    UsageRollupDailyOverall,
+    UsageRollupUserDaily,
+)
 from app.notifications import service, store  # noqa: E402
 from app.notifications.dispatcher import NotificationDispatcher  # noqa: E402
 from app.notifications.events import Event, EventKind  # noqa: E402
@@ -164,6 +170,7 @@ def deliveries(runtime: Runtime, events: int) -> dict[str, Any]:
 def seed_rollups(runtime: Runtime, users: int, today: date) -> int:
     rows: list[dict[str, Any]] = []
     overall: dict[tuple[date, str], int] = {}
+    per_user: dict[tuple[str, date, str], int] = {}
     for u in range(users):
         for d in range(60):
             day = today - timedelta(days=59 - d)
@@ -182,9 +189,18 @@ def seed_rollups(runtime: Runtime, users: int, today: date) -> int:
                         }
                     )
                     overall[(day, model)] = overall.get((day, model), 0) + cost
+                    key = (f"user-{u}", day, model)
+                    per_user[key] = per_user.get(key, 0) + cost
     with runtime.engine.begin() as conn:
         for i in range(0, len(rows), 5000):
             conn.execute(insert(UsageRollupDaily), rows[i : i + 5000])
+        # A user's forecast reads the per-user rollup the writer keeps beside the per-task one.
+        users_rows = [
+            {"user_id": user, "day": day, "model": model, "requests": 15, "cost_pico_usd": cost}
+            for (user, day, model), cost in per_user.items()
+        ]
+        for i in range(0, len(users_rows), 5000):
+            conn.execute(insert(UsageRollupUserDaily), users_rows[i : i + 5000])
         conn.execute(
             insert(UsageRollupDailyOverall),
             [

@@ -135,11 +135,32 @@ class DurationStats(BaseModel):
     max: float | None
 
 
+class TaskPhaseCost(BaseModel):
+    phase: str = Field(
+        description="An agent label (FixAgent, TestGenerator, CodeAgent, ...; '(none)' for "
+        "calls without one), or 'retries': the spend of fix attempts after the first."
+    )
+    tasks: int = Field(description="Finished tasks with calls in this phase.")
+    total_usd: ExactUSD
+
+
 class TaskCostStats(BaseModel):
     tasks_with_cost: int
     total_usd: ExactUSD
     avg_per_task_usd: ExactUSD | None = Field(
         description="total_usd / tasks_with_cost, rounded half-even to 12 decimal places."
+    )
+    succeeded_tasks_with_cost: int = 0
+    succeeded_total_usd: ExactUSD = Decimal(0)
+    per_succeeded_task_usd: ExactUSD | None = Field(
+        default=None,
+        description="What the succeeded tasks cost over their number (succeeded_total_usd / "
+        "succeeded_tasks_with_cost), rounded half-even to 12 decimal places.",
+    )
+    by_phase: list[TaskPhaseCost] = Field(
+        default_factory=list,
+        description="The finished tasks' spend per phase, from the ledger's rollups; 'retries' "
+        "overlaps the agents' (it is their spend from the second fix attempt on).",
     )
 
 

@@ -17,7 +17,9 @@ The method (``score_hour``), for one subject (a user, or a model) and one UTC ho
 
 The hour in progress is judged on what it has spent so far: spend only grows within an hour, so
 a partial hour already out of band is an anomaly for sure, told at once rather than at its end.
-Each (dimension, subject, hour) is one event (``usage.anomaly``; its id says which), so a scan
+The hourly spend is read from ``usage_rollup_hourly`` (per user, UTC hour and model; written
+with every call, revision 0016): a model's hour is the sum over its users. Each (dimension,
+subject, hour) is one event (``usage.anomaly``; its id says which), so a scan
 that sees it again records nothing new.
 
 Backtested on generated histories with injected spikes (``tests/usage/test_anomalies.py``;
@@ -26,6 +28,7 @@ detection and false-alarm rates in ``docs/BENCHMARKS.md``).
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,12 +37,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, ColumnElement, Connection, Engine, Integer, cast, func, select
+from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
 
 from app.core.config import Settings
 from app.core.money import PICO_PER_USD
 from app.core.prepared import write_gate
-from app.models import LLMUsage
+from app.models import UsageRollupHourly
 from app.notifications.events import anomaly_event
 from app.notifications.outbox import record_event
 
@@ -122,12 +125,17 @@ def detect(
     th: Thresholds,
 ) -> list[tuple[int, Score]]:
     """The anomalous ``hours`` of one subject's hourly spend (hour index -> USD)."""
+    # Only the active hours of a baseline count: find them by bisection in the sorted active
+    # hours rather than looking up each of the baseline's 168 hours.
+    active = sorted((hour, usd) for hour, usd in series.items() if usd > 0)
+    starts = [hour for hour, _ in active]
     found = []
     for hour in hours:
         spend = series.get(hour, 0.0)
         if spend <= 0:
             continue
-        baseline = [series.get(hour - k, 0.0) for k in range(1, th.baseline_hours + 1)]
+        first = bisect.bisect_left(starts, hour - th.baseline_hours)
+        baseline = [usd for _, usd in active[first : bisect.bisect_left(starts, hour)]]
         score = score_hour(spend, baseline, th)
         if score is not None and score.anomalous:
             found.append((hour, score))
@@ -138,19 +146,14 @@ def detect(
 
 
 def hour_index(moment: datetime) -> int:
-    """Whole hours since the epoch (UTC)."""
-    return int(moment.astimezone(UTC).timestamp()) // 3600
+    """Whole hours since the epoch (UTC); a naive ``moment`` is taken as UTC (SQLite's)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()) // 3600
 
 
 def hour_start(index: int) -> datetime:
     return datetime.fromtimestamp(index * 3600, UTC)
-
-
-def _hour_of(conn: Connection) -> ColumnElement[Any]:
-    ts = LLMUsage.timestamp
-    if conn.dialect.name == "postgresql":
-        return cast(func.floor(func.extract("epoch", ts) / 3600), BigInteger)
-    return cast(func.strftime("%s", ts), Integer) // 3600  # SQLite stores UTC text
 
 
 def hourly_spend(
@@ -161,24 +164,24 @@ def hourly_spend(
     user_id: str | None = None,
 ) -> dict[str, dict[int, float]]:
     """Spend (USD) of each subject in each hour of ``[first_hour, end_hour)`` (hour indexes),
-    of one user when ``user_id`` is given (through the (user_id, timestamp) index)."""
-    subject = LLMUsage.user_id if dimension == "user" else LLMUsage.model
-    hour = _hour_of(conn)
+    of one user when ``user_id`` is given (through the hourly rollup's (user_id, hour) key).
+    Hours without spend are absent; calls of no user count for their model only."""
+    h = UsageRollupHourly
+    subject = h.user_id if dimension == "user" else h.model
+    spend = cast(func.sum(h.cost_pico_usd), BigInteger)
     query = (
-        select(subject, hour, cast(func.sum(LLMUsage.cost_pico_usd), BigInteger))
-        .where(
-            LLMUsage.timestamp >= hour_start(first_hour),
-            LLMUsage.timestamp < hour_start(end_hour),
-            LLMUsage.cost_pico_usd > 0,
-            subject.is_not(None),
-        )
-        .group_by(subject, hour)
+        select(subject, h.hour, spend)
+        .where(h.hour >= hour_start(first_hour), h.hour < hour_start(end_hour))
+        .group_by(subject, h.hour)
+        .having(func.sum(h.cost_pico_usd) > 0)
     )
+    if dimension == "user":
+        query = query.where(h.user_id != "")
     if user_id is not None:
-        query = query.where(LLMUsage.user_id == user_id)
+        query = query.where(h.user_id == user_id)
     series: dict[str, dict[int, float]] = defaultdict(dict)
-    for name, index, pico in conn.execute(query).all():
-        series[str(name)][int(index)] = int(pico or 0) / PICO_PER_USD
+    for name, hour, pico in conn.execute(query).all():
+        series[str(name)][hour_index(hour)] = int(pico or 0) / PICO_PER_USD
     return series
 
 

@@ -3,8 +3,8 @@
 The method, for one user or for everyone (``forecast_spend``):
 
 1. **History**: the spend of each of the last ``HISTORY_DAYS`` (56) whole UTC days before today,
-   from ``usage_rollup_daily`` (one user) or ``usage_rollup_daily_overall`` (everyone); a day
-   without calls is a day of $0.
+   from ``usage_rollup_user_daily`` (one user) or ``usage_rollup_daily_overall`` (everyone); a
+   day without calls is a day of $0.
 2. **Weekday seasonality**: the median spend of each weekday over the history, over the mean of
    the seven medians (medians: one spike does not make its weekday expensive). Fewer than 14
    days of history: no seasonality.
@@ -25,7 +25,8 @@ Backtested on generated histories (``tests/usage/test_forecast.py``; figures in
 
 ``record_forecasts_over_budget`` (the dispatcher's periodic scan) records
 ``budget.forecast_over`` for each user whose month-end projection is above their monthly budget
-(``BUDGET_USER_MONTHLY_USD`` or their override), once per user and month.
+(``BUDGET_USER_MONTHLY_USD`` or their override), once per user and month. It reads every
+user's days in one query (``users_daily_spend``), not one per user.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from app.budgets.guard import effective_limit
 from app.core.config import Settings
 from app.core.money import PICO_PER_USD, pico_to_usd
 from app.core.prepared import write_gate
-from app.models import BudgetScope, UsageRollupDaily, UsageRollupDailyOverall
+from app.models import BudgetScope, UsageRollupDailyOverall, UsageRollupUserDaily
 from app.notifications.events import forecast_over_budget_event
 from app.notifications.outbox import record_event
 
@@ -200,15 +201,35 @@ def month_bounds(day: date) -> tuple[date, date]:
 
 def daily_spend(session: Session, user_id: str | None, first: date, last: date) -> dict[date, int]:
     """Picodollars spent on each day from ``first`` to ``last`` (days without spend absent)."""
-    table = UsageRollupDaily if user_id is not None else UsageRollupDailyOverall
+    table = UsageRollupUserDaily if user_id is not None else UsageRollupDailyOverall
     query = (
         select(table.day, func.sum(table.cost_pico_usd))
         .where(table.day >= first, table.day <= last)
         .group_by(table.day)
     )
     if user_id is not None:
-        query = query.where(UsageRollupDaily.user_id == user_id)
+        query = query.where(UsageRollupUserDaily.user_id == user_id)
     return {day: int(total or 0) for day, total in session.execute(query).all()}
+
+
+def users_daily_spend(session: Session, first: date, last: date) -> dict[str, dict[date, int]]:
+    """``daily_spend`` of every user with spend from ``first`` to ``last``, in one query."""
+    r = UsageRollupUserDaily
+    query = (
+        select(r.user_id, r.day, func.sum(r.cost_pico_usd))
+        .where(r.day >= first, r.day <= last, r.user_id != "")
+        .group_by(r.user_id, r.day)
+    )
+    found: dict[str, dict[date, int]] = {}
+    for user, day, total in session.execute(query).all():
+        found.setdefault(str(user), {})[day] = int(total or 0)
+    return found
+
+
+def _history_window(today: date) -> tuple[date, date, date]:
+    """The month's first and last day and the first day of the history, for ``today``."""
+    first, last = month_bounds(today)
+    return first, last, today - timedelta(days=HISTORY_DAYS)
 
 
 def _usd(value: float) -> Decimal:
@@ -218,11 +239,17 @@ def _usd(value: float) -> Decimal:
 
 def forecast_spend(session: Session, user_id: str | None, now: datetime) -> SpendForecast:
     """The month-end spend of ``user_id`` (None: everyone) as of ``now`` (UTC)."""
+    today = now.astimezone(UTC).date()
+    first, _last, history_start = _history_window(today)
+    spend = daily_spend(session, user_id, min(history_start, first), today)
+    return forecast_from(spend, user_id, now)
+
+
+def forecast_from(spend: dict[date, int], user_id: str | None, now: datetime) -> SpendForecast:
+    """The forecast of ``user_id`` from its ``daily_spend`` (the history and this month)."""
     now = now.astimezone(UTC)
     today = now.date()
-    first, last = month_bounds(today)
-    history_start = today - timedelta(days=HISTORY_DAYS)
-    spend = daily_spend(session, user_id, min(history_start, first), today)
+    first, last, history_start = _history_window(today)
     history = [
         spend.get(history_start + timedelta(days=i), 0) / PICO_PER_USD for i in range(HISTORY_DAYS)
     ]
@@ -257,13 +284,6 @@ def forecast_spend(session: Session, user_id: str | None, now: datetime) -> Spen
 MAX_OVERRIDES = 100_000
 
 
-def month_spenders(session: Session, first: date, last: date) -> list[str]:
-    """The users with any spend from ``first`` to ``last``."""
-    r = UsageRollupDaily
-    query = select(r.user_id).where(r.day >= first, r.day <= last, r.user_id != "").distinct()
-    return sorted(str(user) for user in session.execute(query).scalars())
-
-
 def monthly_limits(session: Session, settings: Settings, users: list[str]) -> dict[str, int]:
     """Each user's monthly budget in picodollars (override, else the default); unlimited absent."""
     scope = BudgetScope.USER_MONTHLY
@@ -284,12 +304,17 @@ def monthly_limits(session: Session, settings: Settings, users: list[str]) -> di
 def forecasts_over_budget(
     session: Session, settings: Settings, now: datetime
 ) -> list[tuple[SpendForecast, int]]:
-    """(forecast, monthly limit in picodollars) of each user projected above their limit."""
-    first, _last = month_bounds(now.astimezone(UTC).date())
-    users = month_spenders(session, first, now.astimezone(UTC).date())
+    """(forecast, monthly limit in picodollars) of each user projected above their limit.
+
+    Every user with spend this month is judged, from one read of every user's days (the
+    history and the month) and one of the overrides."""
+    today = now.astimezone(UTC).date()
+    first, _last, history_start = _history_window(today)
+    spend = users_daily_spend(session, min(history_start, first), today)
+    users = sorted(user for user, days in spend.items() if any(day >= first for day in days))
     over = []
     for user, limit_pico in monthly_limits(session, settings, users).items():
-        result = forecast_spend(session, user, now)
+        result = forecast_from(spend[user], user, now)
         if result.projected_usd > pico_to_usd(limit_pico):
             over.append((result, limit_pico))
     return over

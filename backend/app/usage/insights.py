@@ -2,10 +2,11 @@
 (and ``asa usage``): the results of ``app.usage.forecast``, ``anomalies`` and ``recommendations``
 as the API's answers.
 
-A recommendations report reads a month of the ledger (everyone's: millions of rows), so an answer
-is reused for ``RECOMMENDATION_CACHE_SECONDS`` per (subject, days, UTC day), and the
-dispatcher's scan (``refresh_recommendations``) recomputes everyone's 30-day report ahead of the
-administrators who ask for it. ``as_of`` says when an answer was computed.
+A recommendations report joins a month of finished tasks to their per-agent spend (everyone's:
+tens of thousands of tasks, seconds at 10M ledger rows), so an answer is reused for
+``RECOMMENDATION_CACHE_SECONDS`` per (subject, days, UTC day), and the dispatcher's scan
+(``refresh_recommendations``) recomputes everyone's 30-day report ahead of the administrators
+who ask for it. ``as_of`` says when an answer was computed.
 """
 
 from __future__ import annotations

@@ -2,15 +2,18 @@
 
 ``build_recommendations`` reads one window of whole UTC days, for one user or for everyone:
 
-- **waste**, from the ledger rows: the spend of failed calls (``status = error``), of truncated
-  answers (``finish_reason = length``), of calls the SDK had to retry (``attempts > 1``), and how
-  many calls a budget blocked (they cost nothing, but the work that needed them did not happen);
+- **waste**, from the daily rollups' waste sums (revision 0016; ``usage_rollup_user_daily`` for
+  a user, ``usage_rollup_daily_overall`` for everyone, never the ledger's rows): the spend of
+  failed calls (``status = error``), of truncated answers (``finish_reason = length``), of calls
+  the SDK had to retry (``attempts > 1``), and how many calls a budget blocked (they cost
+  nothing, but the work that needed them did not happen);
 - **cache**, from the daily rollups: cached prompt tokens over prompt tokens, per model;
 - **tasks by model** and **by agent and model**, from the finished tasks (by ``finished_at``)
-  and their spend: success rate and the **cost per fixed bug** (spend of succeeded tasks over
-  their number), the spend of failed tasks beside it, and the all-in cost per fixed bug (all
-  the spend over the fixed bugs: what a fixed bug costs once failures are paid for). Cancelled
-  tasks are left out of both (their owner stopped them);
+  and their spend (a task's total from ``usage_rollup_task_total``; per agent and model from
+  ``usage_rollup_daily``): success rate and the **cost per fixed bug** (spend of succeeded
+  tasks over their number), the spend of failed tasks beside it, and the all-in cost per fixed
+  bug (all the spend over the fixed bugs: what a fixed bug costs once failures are paid for).
+  Cancelled tasks are left out of both (their owner stopped them);
 - **a cheaper model**, per repository and over all of them: model B is named beside model A
   when both finished at least ``RECOMMENDATION_MIN_TASKS`` tasks there, B's all-in cost per
   fixed bug is lower, and B's success rate is not below A's by more than the one-sided 95 %
@@ -31,10 +34,16 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, case, cast, func, select
+from sqlalchemy import BigInteger, Connection, cast, func, select
 
 from app.core.money import pico_to_usd
-from app.models import LLMUsage, Task, UsageRollupDaily
+from app.models import (
+    Task,
+    UsageRollupDaily,
+    UsageRollupDailyOverall,
+    UsageRollupTaskTotal,
+    UsageRollupUserDaily,
+)
 from app.usage.queries import UsageSums, rollup_usage_groups
 
 SUCCEEDED = "succeeded"
@@ -133,27 +142,22 @@ class Report:
 # -- reads --------------------------------------------------------------------------------------
 
 
-def _count_if(condition: Any, value: Any = 1) -> Any:
-    return cast(func.coalesce(func.sum(case((condition, value), else_=0)), 0), BigInteger)
+def _sum(column: Any) -> Any:
+    return cast(func.coalesce(func.sum(column), 0), BigInteger)
 
 
-def read_waste(conn: Connection, user_id: str | None, start: datetime, end: datetime) -> Waste:
-    """The waste figures of the calls made in ``[start, end)``."""
-    u = LLMUsage
-    query = select(
-        cast(func.count(), BigInteger),
-        cast(func.coalesce(func.sum(u.cost_pico_usd), 0), BigInteger),
-        _count_if(u.status == "error"),
-        _count_if(u.status == "error", u.cost_pico_usd),
-        _count_if(u.finish_reason == "length"),
-        _count_if(u.finish_reason == "length", u.cost_pico_usd),
-        _count_if(u.attempts > 1),
-        _count_if(u.attempts > 1, u.attempts - 1),
-        _count_if(u.attempts > 1, u.cost_pico_usd),
-        _count_if(u.status == "blocked"),
-    ).where(u.timestamp >= start, u.timestamp < end)
+def read_waste(conn: Connection, user_id: str | None, since: date, until: date) -> Waste:
+    """The waste figures of the calls made on the UTC days ``since`` to ``until`` (inclusive),
+    from the daily rollups: the user's (through its (user_id, day) key) or everyone's."""
+    r: Any = UsageRollupUserDaily if user_id is not None else UsageRollupDailyOverall
+    columns = (
+        r.requests, r.cost_pico_usd, r.errors, r.error_cost_pico_usd, r.truncated_calls,
+        r.truncated_cost_pico_usd, r.retried_calls, r.retry_attempts, r.retried_cost_pico_usd,
+        r.blocked,
+    )  # fmt: skip
+    query = select(*(_sum(column) for column in columns)).where(r.day >= since, r.day <= until)
     if user_id is not None:
-        query = query.where(u.user_id == user_id)
+        query = query.where(r.user_id == user_id)
     return Waste(*(int(v or 0) for v in conn.execute(query).one()))
 
 
@@ -187,14 +191,15 @@ def _task_filter(user_id: str | None, start: datetime, end: datetime) -> list[An
 def read_task_outcomes(
     conn: Connection, user_id: str | None, start: datetime, end: datetime
 ) -> dict[tuple[str, str], TaskOutcomes]:
-    """Finished tasks per (repository, model), with their spend (from the daily rollup)."""
-    r = UsageRollupDaily
+    """Finished tasks per (repository, model), with their spend (a row per task in the
+    per-task total; a task without calls has none)."""
+    r = UsageRollupTaskTotal
     query = (
         select(
             Task.repo_url,
             Task.model,
             Task.status,
-            cast(func.count(func.distinct(Task.id)), BigInteger),
+            cast(func.count(Task.id), BigInteger),
             cast(func.coalesce(func.sum(r.cost_pico_usd), 0), BigInteger),
         )
         .select_from(Task)
@@ -405,7 +410,7 @@ def build_recommendations(
 ) -> Report:
     """Everything above for ``user_id`` (None: everyone) over the ``days`` UTC days to ``now``."""
     since, until, start, end = window_bounds(now.astimezone(UTC).date(), days)
-    waste = read_waste(conn, user_id, start, end)
+    waste = read_waste(conn, user_id, since, until)
     cache = read_cache_use(conn, user_id, since, until)
     outcomes = read_task_outcomes(conn, user_id, start, end)
     models: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)

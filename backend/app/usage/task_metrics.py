@@ -32,6 +32,19 @@ the bucket's width (at most a third of its upper bound from 1 minute to 1 hour).
 ``source="raw"`` computes the same report from the ``task_metrics`` rows (``bench/`` compares
 the two), with exact percentiles interpolated between ranks like PostgreSQL's
 ``percentile_cont``.
+
+Cost per succeeded task and per phase (both sources; exact, in picodollars until the end):
+
+- ``per_succeeded_task_usd``: the ``cost_usd`` of the tasks whose ``succeeded`` row is 1, over
+  their number (the unit cost of a fixed bug; failures are in ``total_usd``);
+- ``by_phase``: the finished tasks' spend per agent label from ``usage_rollup_daily``
+  (``FixAgent``, ``TestGenerator``, ``CodeAgent``, which applies the fixes, ...), and
+  ``retries``: the spend of every call of a task from the start of its second fix attempt on
+  (the orchestrator's ``attempt 2: asking FixAgent for a fix`` step event), i.e. what fix
+  attempts after the first cost, FixAgent's and CodeAgent's calls alike. It overlaps the
+  agents' figures (it is part of them), so the phases do not add up to the total. The SDK's
+  own retries of one call are not in it (they are one row: ``attempts`` of the usage rows,
+  the recommendations' "retried calls").
 """
 
 from __future__ import annotations
@@ -58,8 +71,21 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from app.core.money import PICO_PER_USD, pico_to_usd
-from app.models import DURATION_BUCKETS_SECONDS, TaskMetrics, TaskMetricsDaily
-from app.schemas.usage import DurationStats, TaskCostStats, TaskMetricsResponse, UsageWindow
+from app.models import (
+    DURATION_BUCKETS_SECONDS,
+    LLMUsage,
+    TaskEvent,
+    TaskMetrics,
+    TaskMetricsDaily,
+    UsageRollupDaily,
+)
+from app.schemas.usage import (
+    DurationStats,
+    TaskCostStats,
+    TaskMetricsResponse,
+    TaskPhaseCost,
+    UsageWindow,
+)
 from app.tasks.metrics_writer import (
     COST_USD,
     DURATION_BUCKET_COLUMNS,
@@ -241,6 +267,93 @@ def _from_rows(conn: Connection, window: UsageWindow) -> _Figures:
     )
 
 
+# -- cost per succeeded task and per phase ----------------------------------------------------
+
+RETRIES = "retries"
+# The step event the orchestrator records when a task's second fix attempt starts.
+SECOND_ATTEMPT_STARTED = "attempt 2: asking FixAgent for a fix"
+
+
+def _exact_pico(conn: Connection, value: Any) -> Any:
+    """The sum of ``cost_usd`` values in picodollars, exactly on either dialect."""
+    if conn.dialect.name == "postgresql":
+        return func.sum(value) * PICO_PER_USD  # NUMERIC: exact as it is
+    return func.sum(cast(func.round(value * PICO_PER_USD), BigInteger))  # SQLite: doubles
+
+
+def _finished(window: UsageWindow) -> Any:
+    """The ``succeeded`` rows of the tasks finished in ``window``."""
+    return (
+        select(TaskMetrics.task_id, TaskMetrics.metric_value)
+        .where(_in_window([SUCCEEDED], window))
+        .subquery("finished")
+    )
+
+
+def _succeeded_cost(conn: Connection, window: UsageWindow) -> tuple[int, int]:
+    """(succeeded tasks with a cost row, their cost in picodollars)."""
+    finished = _finished(window)
+    cost = TaskMetrics
+    count, total = conn.execute(
+        select(func.count(), _exact_pico(conn, cost.metric_value))
+        .select_from(finished)
+        .join(cost, and_(cost.task_id == finished.c.task_id, cost.metric_name == COST_USD))
+        .where(finished.c.metric_value == 1)
+    ).one()
+    return int(count), int(Decimal(total).to_integral_value(ROUND_HALF_EVEN)) if total else 0
+
+
+def _phase_costs(conn: Connection, window: UsageWindow) -> list[TaskPhaseCost]:
+    finished = _finished(window)
+    r = UsageRollupDaily
+    by_agent = conn.execute(
+        select(
+            r.agent,
+            func.count(func.distinct(r.task_id)),
+            cast(func.coalesce(func.sum(r.cost_pico_usd), 0), BigInteger),
+        )
+        .select_from(finished)
+        .join(r, r.task_id == finished.c.task_id)
+        .group_by(r.agent)
+    ).all()
+    e, u = TaskEvent, LLMUsage
+    retried = (
+        select(e.task_id, func.min(e.timestamp).label("started"))
+        .select_from(finished)
+        .join(e, e.task_id == finished.c.task_id)
+        .where(e.kind == "step", e.message == SECOND_ATTEMPT_STARTED)
+        .group_by(e.task_id)
+        .subquery("retried")
+    )
+    tasks, pico = conn.execute(
+        select(
+            func.count(func.distinct(u.task_id)),
+            cast(func.coalesce(func.sum(u.cost_pico_usd), 0), BigInteger),
+        )
+        .select_from(retried)
+        .join(u, and_(u.task_id == retried.c.task_id, u.timestamp >= retried.c.started))
+    ).one()
+    phases = [
+        TaskPhaseCost(phase=str(agent) or "(none)", tasks=int(n), total_usd=pico_to_usd(int(p)))
+        for agent, n, p in sorted(by_agent, key=lambda row: str(row[0]))
+    ]
+    phases.append(TaskPhaseCost(phase=RETRIES, tasks=int(tasks), total_usd=pico_to_usd(int(pico))))
+    return phases
+
+
+def _with_breakdown(conn: Connection, window: UsageWindow, cost: TaskCostStats) -> TaskCostStats:
+    count, pico = _succeeded_cost(conn, window)
+    per_task = _cost_stats(count, pico).avg_per_task_usd
+    return cost.model_copy(
+        update={
+            "succeeded_tasks_with_cost": count,
+            "succeeded_total_usd": pico_to_usd(pico),
+            "per_succeeded_task_usd": per_task,
+            "by_phase": _phase_costs(conn, window),
+        }
+    )
+
+
 def task_metrics(
     session: Session, window: UsageWindow, *, source: Source = "rollup"
 ) -> TaskMetricsResponse:
@@ -256,5 +369,5 @@ def task_metrics(
         success_rate=figures.succeeded / figures.tasks if figures.tasks else None,
         by_status=figures.by_status,
         duration_seconds=figures.durations,
-        cost=figures.cost,
+        cost=_with_breakdown(conn, window, figures.cost),
     )

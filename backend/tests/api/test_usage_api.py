@@ -388,6 +388,10 @@ async def test_task_metrics_from_task_metrics_rows(
         "tasks_with_cost": 3,
         "total_usd": "0.750000000001",
         "avg_per_task_usd": "0.25",  # 0.250000000000333... rounded to the picodollar
+        "succeeded_tasks_with_cost": 1,  # "a"
+        "succeeded_total_usd": "0.5",
+        "per_succeeded_task_usd": "0.5",
+        "by_phase": [{"phase": "retries", "tasks": 0, "total_usd": "0"}],  # no calls here
     }
 
 
@@ -406,7 +410,15 @@ async def test_task_metrics_with_no_tasks(client: httpx.AsyncClient) -> None:
 
     assert (body["tasks"], body["success_rate"], body["by_status"]) == (0, None, {})
     assert body["duration_seconds"]["p95"] is None
-    assert body["cost"] == {"tasks_with_cost": 0, "total_usd": "0", "avg_per_task_usd": None}
+    assert body["cost"] == {
+        "tasks_with_cost": 0,
+        "total_usd": "0",
+        "avg_per_task_usd": None,
+        "succeeded_tasks_with_cost": 0,
+        "succeeded_total_usd": "0",
+        "per_succeeded_task_usd": None,
+        "by_phase": [{"phase": "retries", "tasks": 0, "total_usd": "0"}],
+    }
 
 
 async def test_openapi_documents_the_typed_responses(client: httpx.AsyncClient) -> None:

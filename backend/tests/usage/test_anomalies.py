@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 
 from app.core.money import PICO_PER_USD
-from app.models import NotificationEvent
+from app.models import LLMUsage, NotificationEvent
 from app.notifications.dispatcher import NotificationDispatcher
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
-from app.usage.anomalies import Thresholds, detect, record_anomalies, score_hour
+from app.usage.anomalies import Thresholds, detect, find_anomalies, record_anomalies, score_hour
 from tests.notifications.conftest import WebhookReceiver, add_webhook, drain, notify_settings
 from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
@@ -272,3 +272,21 @@ def test_the_dispatcher_finds_an_anomaly_and_tells_the_user_once(
     assert webhook.ids() == {f"usage.anomaly:user:alice:{hour:%Y-%m-%dT%H}:00Z": 1}
     (body,) = webhook.bodies()
     assert body["kind"] == "usage.anomaly" and body["data"]["spend_usd"] == "30.000000"
+
+
+def test_the_scan_reads_the_hourly_rollup_not_the_ledger_rows(engine: Engine) -> None:
+    """Same anomalies once the rows are gone (as retention would prune them): the hourly
+    rollup the writer keeps is what is read; and a call of no user counts for its model."""
+    seed_ledger(engine, NOW)
+    seed_hours(engine, "", "m-b", 40.0, [NOW.replace(minute=0)])  # user_id '' : no user
+    th = Thresholds()
+    with engine.connect() as conn:
+        before = find_anomalies(conn, th, NOW)
+    with engine.begin() as conn:
+        conn.execute(delete(LLMUsage))
+    with engine.connect() as conn:
+        after = find_anomalies(conn, th, NOW)
+    assert after == before
+    assert {(a.dimension, a.subject) for a in after} == {
+        ("user", "alice"), ("model", "m-a"), ("model", "m-b"),
+    }  # fmt: skip

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, insert
 
 from app.core.money import PICO_PER_USD
-from app.models import UsageRollupDaily, UsageRollupDailyOverall
+from app.models import UsageRollupDaily, UsageRollupDailyOverall, UsageRollupUserDaily
 from app.usage.forecast import HISTORY_DAYS, month_bounds, project
 from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
@@ -192,16 +192,20 @@ NOW = datetime(2026, 3, 11, 12, 0, tzinfo=UTC)  # a Wednesday, noon
 
 
 def _seed_rollups(engine: Engine) -> None:
-    """alice spends $10 every day from 60 days before NOW; bob $1; everyone the sum."""
-    rows, overall = [], []
+    """alice spends $10 every day from 60 days before NOW; bob $1; everyone the sum (in each
+    rollup the writer keeps, as ``apply_to_rollups`` would have left them)."""
+    rows, users, overall = [], [], []
     for i in range(61):
         day = NOW.date() - timedelta(days=60 - i)
         for user, usd in (("alice", 10), ("bob", 1)):
             rows.append({"day": day, "user_id": user, "task_id": "", "model": "m", "agent": ""})
             rows[-1]["cost_pico_usd"] = usd * PICO_PER_USD
+            users.append({"day": day, "user_id": user, "model": "m"})
+            users[-1]["cost_pico_usd"] = usd * PICO_PER_USD
         overall.append({"day": day, "model": "m", "agent": "", "cost_pico_usd": 11 * PICO_PER_USD})
     with engine.begin() as conn:
         conn.execute(insert(UsageRollupDaily), rows)
+        conn.execute(insert(UsageRollupUserDaily), users)
         conn.execute(insert(UsageRollupDailyOverall), overall)
 
 
