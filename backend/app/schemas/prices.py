@@ -23,6 +23,15 @@ class RecomputeRequest(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=200)
     provider: str | None = Field(default=None, min_length=1, max_length=64)
     dry_run: bool = Field(default=False, description="Only report the totals before and after.")
+    wait_seconds: float = Field(
+        default=10,
+        ge=0,
+        le=60,
+        description=(
+            "How long the request waits for the run to end: 200 with its record if it ended, "
+            "else 202 with the running record (progress at its Location); 0 answers at once."
+        ),
+    )
 
 
 class RecomputeRun(BaseModel):

@@ -6,7 +6,11 @@ in the Responses API's shapes, which follow the official SDK's ``Response`` type
 holds a ``reasoning`` item (reasoning models), a ``message`` with one ``output_text`` part, and
 a ``function_call`` item per scripted tool call; ``usage`` says ``input_tokens`` /
 ``output_tokens`` with ``input_tokens_details.cached_tokens`` and
-``output_tokens_details.reasoning_tokens``. A reply cut by ``max_output_tokens`` is
+``output_tokens_details.reasoning_tokens``. ``tool_choice`` is honoured as in chat
+(``app.simulator.sampling``): ``"required"`` makes the output a ``function_call`` item of the
+first function tool, ``{"type": "function", "name": ...}`` one of that function (arguments: a
+JSON instance of its ``parameters``), ``"none"`` no call; a choice no tool can satisfy is a
+400. A reply cut by ``max_output_tokens`` is
 ``status: "incomplete"`` with ``incomplete_details.reason: "max_output_tokens"``.
 
 Streamed (``stream: true``), the answer is server-sent events named by their ``type``, in the
@@ -27,9 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.simulator.completion import ChatCompletionRequest, Completion, served_tier
+from app.simulator.sampling import check_tool_choice
 from app.simulator.tokens import message_text
 
 
@@ -50,6 +55,34 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> ResponsesRequest:
+        check_tool_choice(self.chat_tool_choice, self.chat_tools)
+        return self
+
+    @property
+    def chat_tools(self) -> list[dict[str, Any]] | None:
+        """The function tools in chat's shape (the Responses API lists a function's ``name``
+        and ``parameters`` on the tool itself); other tools (hosted ones) as they are."""
+        if self.tools is None:
+            return None
+        return [
+            {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+            if tool.get("type") == "function" and "function" not in tool
+            else tool
+            for tool in self.tools
+        ]
+
+    @property
+    def chat_tool_choice(self) -> Any:
+        """``tool_choice`` as chat reads it: ``none``/``auto``/``required`` or a named function
+        (``{"type": "function", "name": ...}``); a hosted tool's or an ``allowed_tools`` choice
+        forces no function call here, as ``auto``."""
+        choice = self.tool_choice
+        if isinstance(choice, Mapping) and choice.get("type") != "function":
+            return "auto"
+        return choice
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as chat messages (what tokens and prompt caching are counted on)."""
@@ -79,7 +112,8 @@ class ResponsesRequest(BaseModel):
         return ChatCompletionRequest(
             model=self.model,
             messages=self.messages(),
-            tools=self.tools,
+            tools=self.chat_tools,
+            tool_choice=self.chat_tool_choice,
             response_format=response_format,
             max_completion_tokens=self.max_output_tokens,
         )

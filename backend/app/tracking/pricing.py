@@ -116,6 +116,162 @@ class PriceQuote:
     tier: str | None = None
 
 
+# A rate in USD per million tokens is this many pico-dollars per token.
+_PICO_PER_MTOK_USD = 10**6
+# ``ModelPrice.cost`` sums in Decimal's default 28-digit context: below this many scaled units
+# every one of its terms and sums is exact, so integer arithmetic gives the same result.
+_EXACT_BELOW = 10**27
+
+
+def _decimal_places(value: Decimal) -> int:
+    exponent = value.normalize().as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class IntegerRates:
+    """One ``ModelPrice`` as integers: pico-dollars per token times ``10**places``, so that
+    ``ModelPrice.cost`` of any counts, times 10**12 and rounded half-even (``usd_to_pico``), is
+    the counts' integer sum rounded the same way."""
+
+    uncached: int
+    cached: int
+    output: int
+    reasoning_extra: int  # a reasoning token's rate above the output rate (0: none billed apart)
+    places: int
+    limit: int
+
+    @classmethod
+    def of(cls, price: ModelPrice) -> IntegerRates:
+        cache = price.input_mtok if price.cache_read_mtok is None else price.cache_read_mtok
+        extra = (
+            Decimal(0) if price.reasoning_mtok is None else price.reasoning_mtok - price.output_mtok
+        )
+        rates = [
+            r * _PICO_PER_MTOK_USD for r in (price.input_mtok, cache, price.output_mtok, extra)
+        ]
+        places = max(_decimal_places(r) for r in rates)
+        scale = 10**places
+        a, b, c, d = (int(r * scale) for r in rates)
+        # Counts below this (in absolute value) keep every term's sum below _EXACT_BELOW.
+        limit = _EXACT_BELOW // (2 * (abs(a) + abs(b) + abs(c) + abs(d)) + 1)
+        return cls(a, b, c, d, places, limit)
+
+    def pico(self, prompt: int, completion: int, cached: int, reasoning: int) -> int | None:
+        """The cost in pico-dollars; None when it is too large to be sure of matching Decimal."""
+        limit = self.limit
+        if not (
+            -limit < prompt < limit
+            and -limit < completion < limit
+            and -limit < cached < limit
+            and -limit < reasoning < limit
+        ):
+            return None
+        total = (
+            (prompt - cached) * self.uncached
+            + cached * self.cached
+            + completion * self.output
+            + reasoning * self.reasoning_extra
+        )
+        if not self.places:
+            return total
+        # Round half-even, as ``usd_to_pico`` (Decimal.to_integral_value) does, for any sign.
+        half: int = 10**self.places
+        quotient, remainder = divmod(total, half)
+        twice = 2 * remainder
+        if twice > half or (twice == half and quotient % 2):
+            quotient += 1
+        return quotient
+
+
+PricedTerms = tuple[int, CostStatus, str | None, str | None, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteTerms:
+    """How ``PriceBook.quote`` prices one model (provider, service tier) at some time, ready to
+    price many rows: ``price`` gives the cost in pico-dollars, the status, the price source's
+    ref, the entry and the tier label of ``quote`` on the same counts. ``timeless``: the same
+    terms hold at every time (no dated prices, no dated variants)."""
+
+    priced: bool
+    source: str
+    ref: str | None
+    entry: str | None
+    variant: str | None
+    base: IntegerRates | None
+    tiers: tuple[tuple[int, IntegerRates], ...]  # by ascending start
+    label_starts: tuple[int, ...]  # descending: the first one a prompt exceeds names its tier
+    timeless: bool
+    kept: object = None  # the price objects these were made from (their ids key a cache)
+
+    @classmethod
+    def of(
+        cls,
+        rates: Rates,
+        ref: str | None,
+        entry: str | None,
+        variant: str | None,
+        label_starts: tuple[int, ...],
+        timeless: bool,
+        *,
+        source: str = "genai-prices",
+        kept: object = None,
+    ) -> QuoteTerms:
+        if isinstance(rates, TieredPrice):
+            base = IntegerRates.of(rates.base)
+            tiers = tuple((start, IntegerRates.of(p)) for start, p in rates.tiers)
+        elif isinstance(rates, ModelPrice):
+            base, tiers = IntegerRates.of(rates), ()
+        else:  # pragma: no cover - the two kinds of rates this module makes
+            raise TypeError(f"no integer form for {rates!r}")
+        return cls(
+            True, source, ref, entry, variant, base, tiers, label_starts, timeless, kept or rates
+        )
+
+    def price(
+        self, prompt: int, completion: int, cached: int, reasoning: int, estimated: bool
+    ) -> PricedTerms | None:
+        """Cost (pico-dollars), status, ref, entry, tier; None: ask ``quote`` instead."""
+        if not self.priced:
+            return (0, "unpriced", None, None, None)
+        rates = self.base
+        for start, tier_rates in reversed(self.tiers):
+            if prompt > start:
+                rates = tier_rates
+                break
+        assert rates is not None
+        cost = rates.pico(prompt, completion, cached, reasoning)
+        if cost is None:
+            return None
+        status: CostStatus = "estimated" if estimated else "priced"
+        if self.source == "override":
+            return (cost, status, self.ref, self.entry, None)
+        label = ""
+        for start in self.label_starts:
+            if prompt > start:
+                label = f"input>{start}"
+                break
+        return (cost, status, self.ref, self.entry, _join(self.variant or "", label))
+
+
+UNPRICED_TERMS = QuoteTerms(False, "none", None, None, None, None, (), (), True)
+# A snapshot entry of a call: its price provider and model, the source's ref, the entry, the
+# price context of its service tier, and whether its prices hold at every time.
+_SnapshotCall = tuple[gp.Provider, gp.ModelInfo, str, str, Mapping[str, str] | None, bool]
+
+
+def _tier_starts(price: gp.ModelPrice) -> tuple[int, ...]:
+    """Every tier start of ``price`` (what ``_tier_label`` looks at), descending."""
+    starts = {
+        tier.start
+        for value in vars(price).values()
+        if isinstance(value, gp.TieredPrices)
+        for tier in value.tiers
+    }
+    return tuple(sorted(starts, reverse=True))
+
+
 _UNPRICED = PriceQuote(Decimal(0), "unpriced", "none")
 # genai-prices' request context keys (``price_variants``) that a call's service tier selects.
 _SERVICE_TIER_KEY = "service_tier"
@@ -154,6 +310,10 @@ class PriceBook:
         # calculation is exact; the tier label of the variants).
         self._rates: dict[
             tuple[int, tuple[int, ...]], tuple[gp.ModelPrice, object, Rates | None, str]
+        ] = {}
+        self._terms: dict[tuple[object, ...], QuoteTerms] = {}
+        self._terms_of_call: dict[
+            tuple[str, str | None, str | None, str | None], QuoteTerms | _SnapshotCall
         ] = {}
         self._lock = threading.Lock()
 
@@ -283,6 +443,83 @@ class PriceBook:
             return _UNPRICED
         tier = _join(variant, _tier_label(price, usage.prompt_tokens))
         return PriceQuote(Decimal(calc.total_price), status, "genai-prices", ref, entry, tier)
+
+    def terms(
+        self,
+        model: str,
+        *,
+        provider: str | None = None,
+        endpoint: str | None = None,
+        at: datetime | None = None,
+        service_tier: str | None = None,
+    ) -> QuoteTerms | None:
+        """What ``quote`` prices calls of ``model`` with (same arguments), as integer rates that
+        price any token counts with the cost and provenance ``quote`` gives them (its cost as
+        ``usd_to_pico`` makes it); None where only genai-prices' calculation is exact. For
+        pricing many rows at once (``app.prices.recompute``); ``QuoteTerms.timeless`` says
+        whether the terms hold at every time."""
+        key = (model, provider, endpoint, service_tier)
+        try:
+            fixed = self._terms_of_call[key]
+        except KeyError:
+            fixed = self._fixed_terms(model, provider, endpoint, service_tier)
+            with self._lock:
+                if len(self._terms_of_call) < _CACHE_LIMIT:
+                    self._terms_of_call[key] = fixed
+        if isinstance(fixed, QuoteTerms):
+            return fixed
+        # A snapshot price: the one in force at ``at`` (what ``quote`` does from here on).
+        price_provider, info, ref, entry, context, timeless = fixed
+        now = datetime.now(UTC) if at is None else at
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        price, rates, variant = self._price_and_rates(price_provider, info, now, context)
+        if rates is None:
+            return None
+        terms_key = (id(rates), id(price), ref, entry, variant, timeless)
+        try:
+            return self._terms[terms_key]
+        except KeyError:
+            pass
+        made = QuoteTerms.of(
+            rates, ref, entry, variant or None, _tier_starts(price), timeless, kept=(rates, price)
+        )
+        with self._lock:
+            if len(self._terms) < _CACHE_LIMIT:
+                self._terms[terms_key] = made  # holds ``rates`` and ``price``: their ids stay
+        return made
+
+    def _fixed_terms(
+        self, model: str, provider: str | None, endpoint: str | None, service_tier: str | None
+    ) -> QuoteTerms | _SnapshotCall:
+        """What of ``quote`` does not depend on the time: an override's or the unpriced terms,
+        or the snapshot entry to look the price up in."""
+        override = self._overrides.get(model)
+        if override is not None:
+            return self._override_terms(model, override)
+        resolved = self.resolve(model, provider, endpoint)
+        found = self._override(model, resolved)
+        if found is not None:
+            return self._override_terms(*found)
+        info, price_provider = resolved.info, resolved.price_provider
+        if info is None or price_provider is None:
+            self._warn_unpriced(model, resolved.provider)
+            return UNPRICED_TERMS
+        timeless = isinstance(info.prices, gp.ModelPrice) and all(
+            v.constraint is None for v in info.price_variants or ()
+        )
+        return (
+            price_provider,
+            info,
+            self.table.source_of(info).ref,
+            f"{price_provider.id}:{info.id}",
+            {_SERVICE_TIER_KEY: service_tier} if service_tier else None,
+            timeless,
+        )
+
+    def _override_terms(self, name: str, price: ModelPrice) -> QuoteTerms:
+        ref = self.overrides_source.ref if self.overrides_source is not None else None
+        return QuoteTerms.of(price, ref, name, None, (), True, source="override")
 
     def _override_quote(
         self, name: str, price: ModelPrice, usage: TokenUsage, status: CostStatus
