@@ -9,13 +9,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 from app.access.principal import Principal
 from app.models import LATENCY_BUCKETS_MS
 from app.tracking.record import UsageRecord
+from app.tracking.writer import insert_usage
 
 ADMIN = Principal("root", "admin")
 NOW = datetime(2026, 5, 20, 6, 0, tzinfo=UTC)
+
+
+def write_ledger(engine: Engine, records: list[UsageRecord]) -> list[UsageRecord]:
+    """Write ``records`` as the usage writer does (row and rollups), in one transaction."""
+    with engine.begin() as conn:
+        for record in records:
+            insert_usage(conn, record)
+    return records
 
 
 def random_ledger(count: int, seed: int = 7) -> list[UsageRecord]:

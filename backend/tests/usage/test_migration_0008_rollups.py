@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from app.core.migrations import alembic_config, upgrade_to_head
 from app.models import LLMUsage
 from app.tracking.record import UsageRecord
-from app.tracking.writer import ROLLUP_SUM_FIELDS, insert_usage
-from tests.usage.ledger import NOW, random_ledger
+from app.tracking.writer import ROLLUP_SUM_FIELDS
+from tests.usage.ledger import NOW, random_ledger, write_ledger
 from tests.usage.test_rollups import every_report
 
 # The revision before 0008, whatever it is pointed at.
@@ -33,10 +33,7 @@ SUMS = (*ROLLUP_SUM_FIELDS,)
 
 @pytest.fixture
 def ledger(engine: Engine, database_url: str) -> Iterator[list[UsageRecord]]:
-    records = random_ledger(300, seed=5)
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
+    records = write_ledger(engine, random_ledger(300, seed=5))
     yield records
     upgrade_to_head(database_url)  # for the next test, even if this one failed half-way
 

@@ -13,8 +13,7 @@ from sqlalchemy import Engine, inspect, text
 
 from app.core.migrations import alembic_config, upgrade_to_head
 from app.tracking.record import UsageRecord
-from app.tracking.writer import insert_usage
-from tests.usage.ledger import random_ledger
+from tests.usage.ledger import random_ledger, write_ledger
 
 WASTE = (
     "error_cost_pico_usd", "truncated_calls", "truncated_cost_pico_usd", "retried_calls",
@@ -29,10 +28,7 @@ TABLES = {
 
 @pytest.fixture
 def ledger(engine: Engine, database_url: str) -> Iterator[list[UsageRecord]]:
-    records = random_ledger(400, seed=16)
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
+    records = write_ledger(engine, random_ledger(400, seed=16))
     yield records
     upgrade_to_head(database_url)  # for the next test, even if this one failed half-way
 

@@ -20,12 +20,11 @@ from app.tracking.record import UsageRecord
 from app.tracking.writer import (
     ROLLUP_KEY_FIELDS,
     apply_to_rollups,
-    insert_usage,
     rollup_values,
     utc_day,
 )
 from app.usage.report import Source, overall_usage, task_usage, usage_window, user_usage
-from tests.usage.ledger import ADMIN, NOW, assert_same_report, random_ledger
+from tests.usage.ledger import ADMIN, NOW, assert_same_report, random_ledger, write_ledger
 
 USERS = ("alice", "bob")
 TASKS = ("t1", "t2", "t3")
@@ -47,11 +46,7 @@ def every_report(session: Session, source: Source = "rollup") -> dict[str, Any]:
 
 @pytest.fixture
 def ledger(engine: Engine) -> list[UsageRecord]:
-    records = random_ledger(300, seed=11)
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
-    return records
+    return write_ledger(engine, random_ledger(300, seed=11))
 
 
 @pytest.fixture

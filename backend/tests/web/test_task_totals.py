@@ -26,7 +26,7 @@ from app.tracking.spool import UsageSpool
 from app.tracking.writer import UsageWriter, insert_usage, utc_day
 from app.usage.retention import prune_raw_usage
 from app.web.queries import top_task_spend
-from tests.usage.ledger import NOW, random_ledger
+from tests.usage.ledger import NOW, random_ledger, write_ledger
 from tests.usage.test_recompute import LLAMA, scope, tracked
 
 Totals = dict[str, tuple[str, date, date, int, int]]
@@ -101,11 +101,7 @@ def _day(value: Any) -> date:
 
 @pytest.fixture
 def ledger(engine: Engine) -> list[UsageRecord]:
-    records = spread_ledger(400, seed=3)
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
-    return records
+    return write_ledger(engine, spread_ledger(400, seed=3))
 
 
 def test_written_calls_are_summed_per_task(engine: Engine, ledger: list[UsageRecord]) -> None:
@@ -131,10 +127,7 @@ def test_a_replayed_spool_counts_each_call_once(engine: Engine, tmp_path: Path) 
 
 def test_a_price_recompute_moves_the_totals_with_the_rows(engine: Engine) -> None:
     rng, book = random.Random(2), PriceBook()
-    records = [tracked(book, rng, tasks=("t1", "t2", "t3", None)) for _ in range(200)]
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
+    write_ledger(engine, [tracked(book, rng, tasks=("t1", "t2", "t3", None)) for _ in range(200)])
     before = stored(engine)
 
     recompute_prices(engine, PriceBook({"my-llama": LLAMA}), scope(), actor="ops", batch_rows=29)
@@ -181,10 +174,7 @@ def test_top_tasks_rank_as_summing_every_call_would(
 
 @pytest.fixture
 def migrated_ledger(engine: Engine, database_url: str) -> Iterator[list[UsageRecord]]:
-    records = spread_ledger(300, seed=5)
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
+    records = write_ledger(engine, spread_ledger(300, seed=5))
     yield records
     upgrade_to_head(database_url)  # for the next test, even if this one failed half-way
 

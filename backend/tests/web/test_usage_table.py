@@ -21,7 +21,7 @@ from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage, utc_day
 from app.web.cache import ClosedDaysCache
 from app.web.usage import GROUP_BYS, UsageQuery, parse_query, usage_table
-from tests.usage.ledger import ADMIN, NOW, assert_same_report, random_ledger
+from tests.usage.ledger import ADMIN, NOW, assert_same_report, random_ledger, write_ledger
 
 TODAY = NOW.date()
 SINCE = TODAY - timedelta(days=29)
@@ -29,11 +29,7 @@ SINCE = TODAY - timedelta(days=29)
 
 @pytest.fixture
 def ledger(engine: Engine) -> list[UsageRecord]:
-    records = random_ledger(300, seed=3)
-    with engine.begin() as conn:
-        for record in records:
-            insert_usage(conn, record)
-    return records
+    return write_ledger(engine, random_ledger(300, seed=3))
 
 
 @pytest.fixture
