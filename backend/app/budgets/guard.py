@@ -79,7 +79,6 @@ task's next limited call, with the same spend (only its soft-limit warning may c
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import threading
@@ -404,9 +403,7 @@ class DatabaseBudgetGuard:
             if isinstance(outcome, BudgetExceededError):
                 raise outcome
             if outcome is None:
-                amount = functools.cache(
-                    lambda: self.worst_case(model, request, context.provider).cost_pico
-                )
+                amount = _once(lambda: self.worst_case(model, request, context.provider).cost_pico)
                 outcome = self._reserve_alone(context, amount, now)
             if outcome.held:
                 context.reservation = outcome  # spooled with the call's row if need be
@@ -942,3 +939,16 @@ def _subject(scope: BudgetScope, context: CallContext) -> tuple[str, str] | None
     if scope is BudgetScope.TASK:
         return ("task", context.task_id) if context.task_id else None
     return ("user", context.user_id) if context.user_id else None
+
+
+def _once(compute: Callable[[], int]) -> Callable[[], int]:
+    """``compute``, run on the first call only (a retried reservation reuses its worst case);
+    cheaper than ``functools.cache`` made afresh for every call."""
+    done: list[int] = []
+
+    def value() -> int:
+        if not done:
+            done.append(compute())
+        return done[0]
+
+    return value

@@ -20,11 +20,12 @@ DBAPI errors leave ``transaction()`` as SQLAlchemy's own exceptions (``Operation
 
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
@@ -57,15 +58,35 @@ class Compiled:
     positional: bool
     # Values the statement carries itself (literals such as ``.values(flag=True)``), by name.
     fixed: Mapping[str, Any]
+    # Derived once, for ``params`` (a call's hot path runs it for every statement): the values
+    # in parameter order in one C call, and only the processors there are (most are None).
+    _pick: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(init=False, repr=False)
+    _process: tuple[tuple[int, Processor], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_pick", _picker(self.names))
+        process = tuple((i, p) for i, p in enumerate(self.processors) if p is not None)
+        object.__setattr__(self, "_process", process)
 
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         if self.fixed:
             values = {**self.fixed, **values}
-        bound = [
-            values[name] if proc is None else proc(values[name])
-            for name, proc in zip(self.names, self.processors, strict=True)
-        ]
+        bound: Sequence[Any] = self._pick(values)
+        if self._process:
+            bound = list(bound)
+            for i, proc in self._process:
+                bound[i] = proc(bound[i])
         return bound if self.positional else dict(zip(self.names, bound, strict=True))
+
+
+def _picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """``values[name]`` for each of ``names``, as a tuple (``KeyError`` for a missing one)."""
+    if not names:
+        return lambda _values: ()
+    if len(names) == 1:
+        (name,) = names
+        return lambda values: (values[name],)
+    return cast(Callable[[Mapping[str, Any]], tuple[Any, ...]], operator.itemgetter(*names))
 
 
 class Statement:

@@ -59,11 +59,12 @@ _WASTE_SUMS = (
     "error_cost_pico_usd", "truncated_calls", "truncated_cost_pico_usd", "retried_calls",
     "retry_attempts", "retried_cost_pico_usd",
 )  # fmt: skip
+_LATENCY_FIELDS = tuple(f"lat_b{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1))
+_NO_LATENCY = dict.fromkeys(_LATENCY_FIELDS, 0)
 _ROLLUP_SUMS = (
     "requests", "successes", "errors", "blocked", "unpriced_calls", "prompt_tokens",
     "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "cost_pico_usd",
-    "latency_ms_sum", *(f"lat_b{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)),
-    *_WASTE_SUMS,
+    "latency_ms_sum", *_LATENCY_FIELDS, *_WASTE_SUMS,
 )  # fmt: skip
 
 
@@ -224,9 +225,8 @@ def rollup_values(record: UsageRecord) -> dict[str, Any]:
         "retry_attempts": record.attempts - 1 if retried else 0,
         "retried_cost_pico_usd": cost if retried else 0,
     }
-    bucket = latency_bucket(record.latency_ms)
-    for i in range(len(LATENCY_BUCKETS_MS) + 1):
-        values[f"lat_b{i:02d}"] = int(i == bucket)
+    values.update(_NO_LATENCY)
+    values[_LATENCY_FIELDS[latency_bucket(record.latency_ms)]] = 1
     return values
 
 
