@@ -25,6 +25,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
 from app.core.prepared import write_gate
 from app.prices.recompute import describe_price_sources
+from app.prices.runner import BackgroundRuns
 from app.tracking.breaker import database_breaker, engine_timeouts
 from app.tracking.db_worker import DbWorker
 from app.tracking.pricing import PriceBook
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from app.usage.retention import RetentionScheduler
 
 logger = logging.getLogger(__name__)
+
+RECOMPUTE_STOP_SECONDS = 60.0
 # Scripted replies of the built-in simulator for the bundled example repositories.
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[1] / "simulator" / "scripts" / "examples.json"
 
@@ -78,8 +81,10 @@ class Runtime:
     notifications: NotificationDispatcher | None = None  # the outbox's dispatcher (issue 16)
     # The thread that does async callers' tracking SQL (created on first use).
     db_worker: DbWorker = field(init=False)
+    recomputes: BackgroundRuns = field(init=False)  # price recompute runs of the admin API
 
     def __post_init__(self) -> None:
+        self.recomputes = BackgroundRuns()
         self.db_worker = DbWorker(self.writer)
 
     @functools.cached_property
@@ -203,6 +208,8 @@ class Runtime:
     def close(self) -> None:
         """Stop the jobs, replay what is spooled, then release connections and threads."""
         self.stop_jobs()
+        # A recompute run ends after its batch in flight (a batch: seconds at most).
+        self.recomputes.stop(timeout=RECOMPUTE_STOP_SECONDS)
         self.db_worker.close()
         if self.replayer is not None:
             self.replayer.stop()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter, defaultdict, namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ from app.tracking.writer import apply_to_rollups, utc_day, utc_hour
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 5_000  # also how long live writers wait: one batch
+INTERRUPTED = "interrupted: the service stopped before the run ended; run it again to finish"
 _TASK_WINDOW = date(1970, 1, 1)
 _usage = cast(Table, LLMUsage.__table__)
 _audit = cast(Table, PriceRecompute.__table__)
@@ -161,9 +163,14 @@ def run_batches(
     *,
     dry_run: bool = False,
     batch_rows: int = BATCH_ROWS,
+    stop: threading.Event | None = None,
 ) -> None:
     """Do the work of the run ``start_run`` recorded (``recompute_prices`` is the two), batch
-    by batch, and mark it ``done``; on an error, mark it ``failed`` and raise."""
+    by batch, and mark it ``done``; on an error, mark it ``failed`` and raise.
+
+    ``stop`` set (the service is stopping): the run ends after the batch in flight, marked
+    ``failed`` as interrupted, its committed batches complete; running it again finishes it.
+    """
     totals = Totals()
     pricer, reader = _Pricer(book), _Reader(scope, batch_rows)
     try:
@@ -173,6 +180,9 @@ def run_batches(
                 cursor = _batch(conn, pricer, reader, cursor, totals, run_id, dry_run, batch_rows)
             if cursor is None:
                 break
+            if stop is not None and stop.is_set():
+                _finish(engine, run_id, totals, "failed", INTERRUPTED)
+                return
     except Exception as exc:
         _finish(engine, run_id, totals, "failed", f"{type(exc).__name__}: {exc}"[:2000])
         raise

@@ -24,8 +24,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from app.budgets.store import CounterKey, seed_counters
+from app.core.errors import ServiceUnavailable
 from app.core.money import pico_to_usd, usd_to_pico
 from app.core.prepared import Tx
+from app.core.runtime import Runtime
 from app.models import (
     BudgetCounter,
     BudgetScope,
@@ -39,7 +41,7 @@ from app.models import (
     UsageRollupHourly,
     UsageRollupUserDaily,
 )
-from app.prices.recompute import RecomputeScope, recompute_prices
+from app.prices.recompute import INTERRUPTED, RecomputeScope, recompute_prices
 from app.tasks.metrics_writer import record_task_metrics
 from app.tracking.pricing import PriceBook, TokenUsage
 from app.tracking.record import UsageRecord
@@ -472,3 +474,27 @@ def test_a_recompute_in_another_process_while_calls_are_written_keeps_every_sum(
     assert json.loads(result.stdout)["rows_changed"] > 0 and during > 0
     assert len(rows(engine)) == len(ledger) + written["rows"]
     assert_consistent(engine)
+
+
+def test_a_runtime_that_closes_mid_run_interrupts_it_after_a_batch_and_a_rerun_finishes(
+    runtime: Runtime, ledger: list[UsageRecord]
+) -> None:
+    engine, book = runtime.engine, PriceBook({"my-llama": LLAMA})
+    run = runtime.recomputes.start(engine, book, scope(), actor="ops", dry_run=False, batch_rows=1)
+
+    runtime.close()  # as the service's shutdown does
+
+    assert run.done  # the run's thread ended with the runtime, not minutes later
+    interrupted = audit_of(engine, run.run_id)
+    assert (interrupted.status, interrupted.error) == ("failed", INTERRUPTED)
+    assert 0 < interrupted.rows_examined < len(ledger)  # it stopped between batches
+    assert_consistent(engine)  # its committed batches are complete
+    with pytest.raises(ServiceUnavailable):
+        runtime.recomputes.start(engine, book, scope(), actor="ops", dry_run=False)
+
+    rerun = audit_of(engine, recompute_prices(engine, book, scope(), actor="ops"))
+
+    assert rerun.status == "done"
+    assert_consistent(engine)
+    unpriced = [r for r in rows(engine) if r.model == "my-llama" and r.status == "success"]
+    assert unpriced and all(r.cost_status == "priced" for r in unpriced)

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Path, Response, status
 from app.api.auth import AdminPrincipal
 from app.api.deps import RuntimeDep, SessionDep
 from app.prices import audit
-from app.prices.runner import start_in_background
 from app.schemas.prices import RecomputeRequest, RecomputeRun, RecomputeRunList
 
 router = APIRouter(prefix="/api/v1/admin/prices", tags=["admin"])
@@ -44,7 +43,7 @@ def recompute(
     """Reprice the rows in ``[since, until)`` (of ``model`` and ``provider`` if given) from their
     stored token counts; rows, rollups, task metrics and budget counters move together."""
     scope = audit.scope_of(body.since, body.until, body.model, body.provider)
-    run = start_in_background(
+    run = runtime.recomputes.start(
         runtime.engine, runtime.price_book, scope, actor=admin.user_id, dry_run=body.dry_run
     )
     if not run.wait(body.wait_seconds):
