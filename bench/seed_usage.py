@@ -50,6 +50,7 @@ from app.core.config import Settings  # noqa: E402
 from app.core.db import create_db_engine  # noqa: E402
 from app.core.migrations import alembic_config, upgrade_to_head  # noqa: E402
 from app.models import LLMUsage, Task, UsageRollupDaily, UsageRollupUserDaily  # noqa: E402
+from app.usage.outcomes import backfill_task_outcomes  # noqa: E402
 
 # (model, input pico-USD per token, output pico-USD per token); the last one has no price.
 MODELS = [
@@ -396,6 +397,8 @@ def seed_tasks(engine: Engine, target: int, seed: int) -> dict[str, float]:
             rows.append(_task(f"old-{n:08d}", f"user-{rng.randrange(1000):05d}", created, rng))
         for start in range(0, len(rows), 10_000):
             conn.execute(Task.__table__.insert(), rows[start : start + 10_000])
+        # Finished here, not by the orchestrator: their outcomes snapshot as a finish would.
+        backfill_task_outcomes(conn)
         conn.execute(text("ANALYZE"))
     return {"tasks_rows": len(rows), "seed_tasks_s": round(time.perf_counter() - t0, 1)}
 

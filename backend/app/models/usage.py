@@ -18,6 +18,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -249,8 +251,20 @@ class UsageRollupTaskTotal(Base):
     last_day: Mapped[date] = mapped_column(Date)
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Revision 0017: a call (or a recompute's delta) reached the task after its outcome was
+    # snapshot (``task_outcomes``); the recommendations correct it until
+    # ``app.usage.outcomes.fold_late_outcomes`` folds it in and clears the flag.
+    late: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
-    __table_args__ = (Index("ix_usage_rollup_task_total_cost_pico_usd", "cost_pico_usd"),)
+    __table_args__ = (
+        Index("ix_usage_rollup_task_total_cost_pico_usd", "cost_pico_usd"),
+        Index(
+            "ix_usage_rollup_task_total_late",
+            "task_id",
+            postgresql_where=text("late"),
+            sqlite_where=text("late"),
+        ),
+    )
 
 
 class UsageRollupHourly(Base):
@@ -278,3 +292,86 @@ class UsageRollupHourly(Base):
         UniqueConstraint("user_id", "hour", "model", name="uq_usage_rollup_hourly_key"),
         Index("ix_usage_rollup_hourly_hour", "hour"),  # everyone's, by user and by model
     )
+
+
+class TaskOutcome(Base):
+    """A task that finished with an outcome (succeeded, failed, budget_exceeded or error), as
+    it was when it finished: its owner, repository, model and total cost then (revision 0017).
+
+    Written in the transaction that finishes the task (``app.usage.outcomes``); its cost and
+    its ``TaskOutcomePart`` rows are what ``task_outcome_rollup_agent`` and
+    ``task_outcome_rollup_repo`` hold for it. Calls that reach the task later flag its
+    ``usage_rollup_task_total`` row ``late`` instead.
+    """
+
+    __tablename__ = "task_outcomes"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finish_day: Mapped[date] = mapped_column(Date)  # the UTC day of finished_at
+    user_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20))
+    repo_url: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(200))  # the task's model
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        Index("ix_task_outcomes_user_id_finish_day", "user_id", "finish_day"),
+        Index("ix_task_outcomes_finished_at", "finished_at"),
+    )
+
+
+class TaskOutcomePart(Base):
+    """A finished task's spend per (agent, model the agent called), as it was when the task
+    finished (revision 0017); ``agent`` is '' for calls of no agent, as in the daily rollup."""
+
+    __tablename__ = "task_outcome_parts"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TaskOutcomeRollupAgent(Base):
+    """Finished tasks per (UTC day they finished, status, agent, model the agent called): how
+    many had calls of that pair and what those calls cost (revision 0017). Everyone's
+    recommendations read it; a few rows a day."""
+
+    __tablename__ = "task_outcome_rollup_agent"
+
+    finish_day: Mapped[date] = mapped_column(Date, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tasks: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TaskOutcomeRollupRepo(Base):
+    """Finished tasks per (repository, the task's model, UTC day they finished, status): how
+    many (with calls or not) and their total cost (revision 0017). Rows of ``repo_url`` '*'
+    (``ALL_REPOSITORIES``) sum every repository: a model's figures in a few rows a day."""
+
+    __tablename__ = "task_outcome_rollup_repo"
+
+    repo_url: Mapped[str] = mapped_column(Text, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    finish_day: Mapped[date] = mapped_column(Date, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
+    tasks: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_pico_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TaskOutcomeRollupPair(Base):
+    """Finished tasks per (repository, the task's model) over all time (revision 0017): only a
+    pair with at least ``min_tasks`` of them can have as many in a window, so the cheaper-model
+    comparison reads the daily rows of those pairs only."""
+
+    __tablename__ = "task_outcome_rollup_pair"
+
+    repo_url: Mapped[str] = mapped_column(Text, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tasks: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_task_outcome_rollup_pair_tasks", "tasks"),)

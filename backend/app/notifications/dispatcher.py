@@ -35,6 +35,7 @@ from app.notifications.channels import DeliveryFailed, Sender
 from app.usage.anomalies import record_anomalies
 from app.usage.forecast import record_forecasts_over_budget
 from app.usage.insights import refresh_recommendations
+from app.usage.outcomes import fold_late_outcomes
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class NotificationDispatcher:
         now = self._clock()
         record_anomalies(self.engine, self.settings, now)
         record_forecasts_over_budget(self.engine, self.settings, now)
+        fold_late_outcomes(self.engine)  # keeps the tasks the recommendations correct few
         refresh_recommendations(self.engine, self.settings, now)
 
     def _run(self) -> None:

@@ -2,5 +2,6 @@
 
 A task goes route → ``store`` (queued) → ``worker`` → ``orchestrator`` → ``app.agents`` and
 ``app.sandbox``. May import ``app.core``, ``app.models``, ``app.schemas``, ``app.access``,
-``app.budgets``' store, ``app.agents`` and ``app.sandbox``; never ``app.api``.
+``app.budgets``' store, ``app.agents``, ``app.sandbox`` and ``app.usage.outcomes`` (a finished
+task's outcome snapshot, taken in the transaction that finishes it); never ``app.api``.
 """

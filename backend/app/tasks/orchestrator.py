@@ -62,6 +62,7 @@ from app.sandbox.workspace import (
     clone_repository,
 )
 from app.tasks import store as task_store
+from app.usage.outcomes import OUTCOME_STATUSES, record_task_outcome
 
 logger = logging.getLogger(__name__)
 _GIT_HARDENING = (
@@ -532,6 +533,8 @@ class Orchestrator:
             )
             if done.rowcount == 0:
                 return  # given up on by this worker (requeued at shutdown): not ours to finish
+            if status in OUTCOME_STATUSES:  # the recommendations' snapshot, with the status
+                record_task_outcome(session.connection(), task.id)
             task_store.add_event(
                 session, task.id, "status", status if not reason else f"{status}: {reason}"
             )

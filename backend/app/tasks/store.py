@@ -30,6 +30,7 @@ from app.core.money import usd_to_pico
 from app.models import TERMINAL_TASK_STATUSES, ApiKey, BudgetScope, LLMUsage, Task, TaskEvent
 from app.schemas.tasks import TaskSubmitRequest
 from app.tasks import metrics_writer as task_metrics_writer
+from app.usage.outcomes import OUTCOME_STATUSES, record_task_outcome
 
 MAX_RUNS = 2  # one restart after a crash, then the task fails
 # How many of a user's newest started tasks say when the user was last served. A user's tasks
@@ -368,6 +369,8 @@ def recover_stale(engine: Engine, lease_seconds: float) -> list[str]:
                 .values(**values)
             ).rowcount
             if changed:
+                if values["status"] in OUTCOME_STATUSES:  # the recommendations' snapshot
+                    record_task_outcome(conn, task_id)
                 conn.execute(
                     insert(TaskEvent).values(
                         task_id=task_id, kind="status", message=message, timestamp=now()

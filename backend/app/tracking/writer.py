@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Date, Engine, bindparam, func
+from sqlalchemy import Connection, Date, Engine, bindparam, exists, func, or_
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from app.core.prepared import Statement, Tx, dialect_insert, write_gate
 from app.models import (
     LATENCY_BUCKETS_MS,
     LLMUsage,
+    TaskOutcome,
     UsageRollupDaily,
     UsageRollupDailyOverall,
     UsageRollupHourly,
@@ -99,16 +100,21 @@ def _add_to(
 
 def _add_to_task_total(dialect: str) -> Any:
     """The per-task total: calls and cost added, the first and last day widened, the greatest
-    user kept (the overview's owner of a task)."""
+    user kept (the overview's owner of a task), and ``late`` set for good when the task's
+    outcome was snapshot already (``app.usage.outcomes``): a call, or a recompute's delta, that
+    reached a finished task, flagged in the same statement."""
     table: Any = UsageRollupTaskTotal.__table__
+    outcome: Any = TaskOutcome.__table__
     day = bindparam("day", type_=Date)
+    task_id: Any = bindparam("task_id")
     stmt = dialect_insert(dialect)(table).values(
-        task_id=bindparam("task_id"),
+        task_id=task_id,
         user_id=bindparam("user_id"),
         first_day=day,
         last_day=day,
         requests=bindparam("requests"),
         cost_pico_usd=bindparam("cost_pico_usd"),
+        late=exists().where(outcome.c.task_id == task_id),
     )
     # Two-argument min/max are SQLite's scalar functions; PostgreSQL spells them least/greatest.
     pg = dialect == "postgresql"
@@ -122,6 +128,7 @@ def _add_to_task_total(dialect: str) -> Any:
             "last_day": greatest(c.last_day, new.last_day),
             "requests": c.requests + new.requests,
             "cost_pico_usd": c.cost_pico_usd + new.cost_pico_usd,
+            "late": or_(c.late, new.late),
         },
     )
 

@@ -10,9 +10,11 @@
 - **cache**, from the daily rollups: cached prompt tokens over prompt tokens, per model;
 - **tasks by model** and **by agent and model**, from the finished tasks (by ``finished_at``)
   and their spend (a task's total from ``usage_rollup_task_total``; per agent and model from
-  ``usage_rollup_daily``): success rate and the **cost per fixed bug** (spend of succeeded
-  tasks over their number), the spend of failed tasks beside it, and the all-in cost per fixed
-  bug (all the spend over the fixed bugs: what a fixed bug costs once failures are paid for).
+  ``usage_rollup_daily``), read from the outcome rollups kept at each finish and corrected for
+  the calls that came later (``app.usage.outcomes``): success rate and the **cost per fixed
+  bug** (spend of succeeded tasks over their number), the spend of failed tasks beside it, and
+  the all-in cost per fixed bug (all the spend over the fixed bugs: what a fixed bug costs once
+  failures are paid for).
   Cancelled tasks are left out of both (their owner stopped them);
 - **a cheaper model**, per repository and over all of them: model B is named beside model A
   when both finished at least ``RECOMMENDATION_MIN_TASKS`` tasks there, B's all-in cost per
@@ -37,22 +39,21 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, cast, func, select
 
 from app.core.money import pico_to_usd
-from app.models import (
-    Task,
-    UsageRollupDaily,
-    UsageRollupDailyOverall,
-    UsageRollupTaskTotal,
-    UsageRollupUserDaily,
+from app.models import UsageRollupDailyOverall, UsageRollupUserDaily
+from app.usage.outcomes import ALL_REPOSITORIES as ALL_REPOSITORIES
+from app.usage.outcomes import FAILED as FAILED
+from app.usage.outcomes import (
+    SUCCEEDED,
+    agent_outcome_sums,
+    model_outcome_sums,
+    repo_outcome_sums,
 )
 from app.usage.queries import UsageSums, rollup_usage_groups
 
-SUCCEEDED = "succeeded"
-FAILED = ("failed", "budget_exceeded", "error")
 Z_95_ONE_SIDED = 1.6449
 LOW_CACHE_RATIO = 0.2
 LOW_CACHE_MIN_PROMPT_TOKENS = 100_000
 WASTE_SHARE = Decimal("0.05")  # a kind of waste is named once it is 5 % of the spend
-ALL_REPOSITORIES = "*"
 _USD = Decimal("0.000001")
 
 
@@ -177,63 +178,49 @@ def read_cache_use(
     return uses
 
 
-def _task_filter(user_id: str | None, start: datetime, end: datetime) -> list[Any]:
-    conditions = [
-        Task.finished_at >= start,
-        Task.finished_at < end,
-        Task.status.in_((SUCCEEDED, *FAILED)),
-    ]
-    if user_id is not None:
-        conditions.append(Task.user_id == user_id)
-    return conditions
+def _days(start: datetime, end: datetime) -> tuple[date, date]:
+    """The first and last UTC day of the window [start, end) of whole UTC days."""
+    first, after = start.astimezone(UTC), end.astimezone(UTC)
+    if first.time() != time.min or after.time() != time.min:
+        raise ValueError(f"Not a window of whole UTC days: [{start}, {end})")
+    return first.date(), after.date() - timedelta(days=1)
 
 
 def read_task_outcomes(
-    conn: Connection, user_id: str | None, start: datetime, end: datetime
+    conn: Connection, user_id: str | None, start: datetime, end: datetime, min_tasks: int = 0
 ) -> dict[tuple[str, str], TaskOutcomes]:
-    """Finished tasks per (repository, model), with their spend (a row per task in the
-    per-task total; a task without calls has none)."""
-    r = UsageRollupTaskTotal
-    query = (
-        select(
-            Task.repo_url,
-            Task.model,
-            Task.status,
-            cast(func.count(Task.id), BigInteger),
-            cast(func.coalesce(func.sum(r.cost_pico_usd), 0), BigInteger),
-        )
-        .select_from(Task)
-        .outerjoin(r, r.task_id == Task.id)
-        .where(*_task_filter(user_id, start, end))
-        .group_by(Task.repo_url, Task.model, Task.status)
-    )
+    """Finished tasks per (repository, model), with their spend (a task's total in the per-task
+    total; a task without calls has none), for the window [start, end) of whole UTC days (as
+    ``window_bounds`` gives): from the outcome rollups (``app.usage.outcomes``), exact. Only
+    the pairs of at least ``min_tasks`` tasks (fewer are never compared: cheaper for
+    everyone)."""
+    since, until = _days(start, end)
     found: dict[tuple[str, str], TaskOutcomes] = defaultdict(TaskOutcomes)
-    for repo, model, status, tasks, pico in conn.execute(query).all():
-        found[(str(repo), str(model))].add(str(status), int(tasks), int(pico))
+    for repo, model, status, tasks, pico in repo_outcome_sums(
+        conn, user_id, since, until, min_tasks
+    ):
+        found[(repo, model)].add(status, tasks, pico)
+    return dict(found)
+
+
+def read_model_outcomes(
+    conn: Connection, user_id: str | None, start: datetime, end: datetime
+) -> dict[str, TaskOutcomes]:
+    """``read_task_outcomes`` summed over the repositories: per model, every finished task."""
+    found: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)
+    for _all, model, status, tasks, pico in model_outcome_sums(conn, user_id, *_days(start, end)):
+        found[model].add(status, tasks, pico)
     return dict(found)
 
 
 def read_agent_outcomes(
     conn: Connection, user_id: str | None, start: datetime, end: datetime
 ) -> dict[tuple[str, str], TaskOutcomes]:
-    """Per (agent, model the agent called): the finished tasks it worked on and its spend."""
-    r = UsageRollupDaily
-    query = (
-        select(
-            r.agent,
-            r.model,
-            Task.status,
-            cast(func.count(func.distinct(Task.id)), BigInteger),
-            cast(func.coalesce(func.sum(r.cost_pico_usd), 0), BigInteger),
-        )
-        .select_from(Task)
-        .join(r, r.task_id == Task.id)
-        .where(*_task_filter(user_id, start, end))
-        .group_by(r.agent, r.model, Task.status)
-    )
+    """Per (agent, model the agent called): the finished tasks it worked on and its spend, for
+    the window [start, end) of whole UTC days, from the outcome rollups, exact."""
     found: dict[tuple[str, str], TaskOutcomes] = defaultdict(TaskOutcomes)
-    for agent, model, status, tasks, pico in conn.execute(query).all():
-        found[(str(agent) or "(none)", str(model))].add(str(status), int(tasks), int(pico))
+    for agent, model, status, tasks, pico in agent_outcome_sums(conn, user_id, *_days(start, end)):
+        found[(agent or "(none)", model)].add(status, tasks, pico)
     return dict(found)
 
 
@@ -333,17 +320,22 @@ def not_worse(candidate: TaskOutcomes, incumbent: TaskOutcomes) -> bool:
 
 
 def cheaper_model_findings(
-    outcomes: dict[tuple[str, str], TaskOutcomes], min_tasks: int
+    outcomes: dict[tuple[str, str], TaskOutcomes],
+    min_tasks: int,
+    overall: dict[str, TaskOutcomes] | None = None,
 ) -> list[Recommendation]:
-    """Per repository (and over all), a cheaper model that fixed as often, when there is one."""
+    """Per repository (and over all), a cheaper model that fixed as often, when there is one.
+
+    ``overall`` is per model over every repository, when ``outcomes`` holds only the pairs of
+    at least ``min_tasks`` tasks (None: summed from ``outcomes``, then all of them)."""
     by_repo: dict[str, dict[str, TaskOutcomes]] = defaultdict(dict)
-    overall: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)
+    summed: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)
     for (repo, model), result in outcomes.items():
         by_repo[repo][model] = result
-        total = overall[model]
+        total = summed[model]
         total.add(SUCCEEDED, result.succeeded, result.succeeded_pico)
         total.add("failed", result.failed, result.failed_pico)
-    by_repo[ALL_REPOSITORIES] = dict(overall)
+    by_repo[ALL_REPOSITORIES] = dict(summed) if overall is None else overall
     found = []
     for repo, models in sorted(by_repo.items()):
         eligible = {
@@ -412,15 +404,14 @@ def build_recommendations(
     since, until, start, end = window_bounds(now.astimezone(UTC).date(), days)
     waste = read_waste(conn, user_id, since, until)
     cache = read_cache_use(conn, user_id, since, until)
-    outcomes = read_task_outcomes(conn, user_id, start, end)
-    models: dict[str, TaskOutcomes] = defaultdict(TaskOutcomes)
-    for (_repo, model), result in outcomes.items():
-        models[model].add(SUCCEEDED, result.succeeded, result.succeeded_pico)
-        models[model].add("failed", result.failed, result.failed_pico)
+    # Pairs of fewer than min_tasks tasks are never compared: not read (a month of everyone's
+    # tasks spans tens of thousands of pairs); the per-model figures come from their own rows.
+    outcomes = read_task_outcomes(conn, user_id, start, end, min_tasks)
+    models = read_model_outcomes(conn, user_id, start, end)
     agents = read_agent_outcomes(conn, user_id, start, end)
     findings = [
         *waste_findings(waste),
         *cache_findings(cache),
-        *cheaper_model_findings(outcomes, min_tasks),
+        *cheaper_model_findings(outcomes, min_tasks, models),
     ]
-    return Report(user_id, since, until, waste, cache, dict(models), agents, findings)
+    return Report(user_id, since, until, waste, cache, models, agents, findings)

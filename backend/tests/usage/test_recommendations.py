@@ -20,6 +20,7 @@ from app.models import Task
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
 from app.usage.insights import recommendations, refresh_recommendations
+from app.usage.outcomes import backfill_task_outcomes
 from app.usage.recommendations import TaskOutcomes, not_worse
 from tests.support.asgi_app import act_as, asgi_client, seeded_app
 
@@ -95,6 +96,8 @@ class Ledger:
                 insert_usage(conn, record)
             if self.tasks:
                 conn.execute(insert(Task), self.tasks)
+                # Finished here, not by the orchestrator: their outcomes snapshot as it would.
+                backfill_task_outcomes(conn)
 
 
 def known_waste() -> Ledger:
