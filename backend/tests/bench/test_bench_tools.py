@@ -47,3 +47,19 @@ def test_run_tree_imports_app_from_the_tree_it_is_given(tmp_path: Path) -> None:
     )
     assert f"code: {other / 'backend' / 'app' / '__init__.py'}" in done.stderr
     assert "rollup_values_us" in json.loads(done.stdout)
+
+
+def test_the_write_elsewhere_experiment_commits_every_row_through_the_writer_process() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "write_elsewhere.py"), "--rounds", "1", "--modes",
+         "process,none"],
+        cwd=ROOT / "backend",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )  # fmt: skip
+    runs = {run["mode"]: run for run in json.loads(done.stdout)["runs"]}
+    assert runs["process"]["rows_written"] == 200  # a warm-up round and one measured, 100 each
+    assert runs["none"]["rows_written"] == 0
+    assert all(run["tracked_vs_raw_throughput"] > 0 for run in runs.values())
