@@ -150,6 +150,39 @@ def simulator_process() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def bench_runtime(url: str, base_url: str, scratch: Path, **overrides: Any) -> Runtime:
+    """The service runtime the benchmarks track calls with: ``url`` migrated, the simulator at
+    ``base_url``, the SDK's default retries (as the raw clients), background jobs off."""
+    upgrade_to_head(url)
+    settings = Settings(
+        database_url=url,
+        openai_api_key="sk-bench",  # type: ignore[arg-type]
+        openai_base_url=base_url,
+        spool_dir=scratch / "spool",
+        openai_max_retries=2,  # the SDK default; both clients alike
+        **overrides,
+    )
+    return Runtime.build(settings, start_background=False)
+
+
+def raw_clients(base_url: str) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+    """The raw SDK clients the tracked calls are compared with (the runtime's pool limits)."""
+    limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
+    raw = openai.OpenAI(
+        api_key="sk-bench",
+        base_url=base_url,
+        max_retries=2,
+        http_client=httpx2.Client(limits=limits),
+    )
+    raw_async = openai.AsyncOpenAI(
+        api_key="sk-bench",
+        base_url=base_url,
+        max_retries=2,
+        http_client=httpx2.AsyncClient(limits=limits),
+    )
+    return raw, raw_async
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000, help="sequential calls of each kind")
@@ -170,37 +203,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        upgrade_to_head(url)
-        settings = Settings(
-            database_url=url,
-            openai_api_key="sk-bench",  # type: ignore[arg-type]
-            openai_base_url=base_url,
-            spool_dir=Path(tmp) / "spool",
-            openai_max_retries=2,  # the SDK default; both clients alike
+        limited = ("task_max", "user_daily", "user_monthly", "global_daily") if args.limits else ()
+        runtime = bench_runtime(
+            url,
+            base_url,
+            Path(tmp),
             budget_enforcement=not args.no_budgets,
-            **(
-                {
-                    f"budget_{scope}_usd": Decimal(1_000_000)
-                    for scope in ("task_max", "user_daily", "user_monthly", "global_daily")
-                }
-                if args.limits
-                else {}
-            ),
+            **{f"budget_{scope}_usd": Decimal(1_000_000) for scope in limited},
         )
-        runtime = Runtime.build(settings, start_background=False)
-        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
-        raw = openai.OpenAI(
-            api_key="sk-bench",
-            base_url=base_url,
-            max_retries=2,
-            http_client=httpx2.Client(limits=limits),
-        )
-        raw_async = openai.AsyncOpenAI(
-            api_key="sk-bench",
-            base_url=base_url,
-            max_retries=2,
-            http_client=httpx2.AsyncClient(limits=limits),
-        )
+        raw, raw_async = raw_clients(base_url)
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),

@@ -23,13 +23,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import openai
-from llm_overhead import concurrent_rounds, simulator_process, summary
+from llm_overhead import (
+    bench_runtime,
+    concurrent_rounds,
+    raw_clients,
+    simulator_process,
+    summary,
+)
 
-from app.core.config import Settings
-from app.core.migrations import upgrade_to_head
-from app.core.runtime import Runtime
 from app.tracking.llm_client import AsyncLLMClient, LLMClient
 
 MESSAGES = [{"role": "user", "content": "Reply with one short sentence."}]
@@ -97,29 +99,8 @@ def main() -> None:
     apis = [api for api in args.apis.split(",") if api]
 
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
-        url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        upgrade_to_head(url)
-        settings = Settings(
-            database_url=url,
-            openai_api_key="sk-bench",  # type: ignore[arg-type]
-            openai_base_url=base_url,
-            spool_dir=Path(tmp) / "spool",
-            openai_max_retries=2,
-        )
-        runtime = Runtime.build(settings, start_background=False)
-        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
-        raw = openai.OpenAI(
-            api_key="sk-bench",
-            base_url=base_url,
-            max_retries=2,
-            http_client=httpx2.Client(limits=limits),
-        )
-        raw_async = openai.AsyncOpenAI(
-            api_key="sk-bench",
-            base_url=base_url,
-            max_retries=2,
-            http_client=httpx2.AsyncClient(limits=limits),
-        )
+        runtime = bench_runtime(f"sqlite:///{Path(tmp) / 'bench.db'}", base_url, Path(tmp))
+        raw, raw_async = raw_clients(base_url)
         tracked = LLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
         tracked_async = AsyncLLMClient(
             task_id="bench", user_id="bench", agent="bench", runtime=runtime

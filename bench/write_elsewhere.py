@@ -30,15 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx2
-import openai
-from llm_overhead import MESSAGES, MODEL, concurrent_rounds, simulator_process
+from llm_overhead import (
+    MESSAGES,
+    MODEL,
+    bench_runtime,
+    concurrent_rounds,
+    raw_clients,
+    simulator_process,
+)
 
-from app.core.config import Settings
 from app.core.db import create_db_engine
-from app.core.migrations import upgrade_to_head
 from app.core.prepared import write_gate
-from app.core.runtime import Runtime
 from app.tracking import tracker
 from app.tracking.llm_client import AsyncLLMClient
 from app.tracking.record import UsageRecord
@@ -100,23 +102,8 @@ class WriterConnection:
 def measure(mode: str, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        upgrade_to_head(url)
-        settings = Settings(
-            database_url=url,
-            openai_api_key="sk-bench",  # type: ignore[arg-type]
-            openai_base_url=base_url,
-            spool_dir=Path(tmp) / "spool",
-            openai_max_retries=2,
-            budget_enforcement=False,
-        )
-        runtime = Runtime.build(settings, start_background=False)
-        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=100)
-        raw = openai.AsyncOpenAI(
-            api_key="sk-bench",
-            base_url=base_url,
-            max_retries=2,
-            http_client=httpx2.AsyncClient(limits=limits),
-        )
+        runtime = bench_runtime(url, base_url, Path(tmp), budget_enforcement=False)
+        _, raw = raw_clients(base_url)
         client = AsyncLLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
         path = str(Path(tmp) / "writer.sock")
         writer = None
