@@ -741,11 +741,7 @@ class DatabaseBudgetGuard:
                 tx, reservation, self._clock(), record.cost_pico_usd
             )
         if not released:
-            logger.warning(
-                "Reservation %s had expired before its call settled; "
-                "BUDGET_RESERVATION_TTL_SECONDS is shorter than that call.",
-                reservation.id,
-            )
+            _warn_expired(reservation.id)
         for key in warned:
             _warn_soft_limit(key, reservation.limits[key.scope], after[key])
 
@@ -840,10 +836,45 @@ def settle_on(
 
 def replay_settlement(tx: Tx, record: UsageRecord, settlement: Mapping[str, Any]) -> None:
     """Settle a spooled row's reservation in the replay's transaction (``UsageWriter``)."""
+    announce_settled(settle_data(tx, record, settlement))
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What settling a reservation given as data did, for the process that made the call to
+    log and count (the writer process settles; the service's metrics are the caller's)."""
+
+    reservation_id: str
+    released: bool
+    warned: tuple[tuple[CounterKey, Limit, CounterState], ...] = ()
+
+
+def settle_data(tx: Tx, record: UsageRecord, settlement: Mapping[str, Any]) -> Settled:
+    """Settle the reservation ``settlement`` (``Reservation.to_json``) in ``tx`` with its
+    call's ``record``; the soft limits crossed are returned, not announced."""
     reservation = Reservation.from_json(settlement)
-    _released, after, warned = settle_on(tx, reservation, utcnow(), record.cost_pico_usd)
-    for key in warned:
-        _warn_soft_limit(key, reservation.limits[key.scope], after[key])
+    released, after, warned = settle_on(tx, reservation, utcnow(), record.cost_pico_usd)
+    return Settled(
+        reservation.id,
+        released,
+        tuple((key, reservation.limits[key.scope], after[key]) for key in warned),
+    )
+
+
+def announce_settled(settled: Settled) -> None:
+    """Log and count what ``settle_data`` did (``DatabaseBudgetGuard.settle`` does both)."""
+    if not settled.released:
+        _warn_expired(settled.reservation_id)
+    for key, limit, state in settled.warned:
+        _warn_soft_limit(key, limit, state)
+
+
+def _warn_expired(reservation_id: str) -> None:
+    logger.warning(
+        "Reservation %s had expired before its call settled; "
+        "BUDGET_RESERVATION_TTL_SECONDS is shorter than that call.",
+        reservation_id,
+    )
 
 
 def _crossed_soft_limit(limit: Limit | None, state: CounterState) -> bool:

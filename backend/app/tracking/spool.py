@@ -7,9 +7,12 @@ or by two processes, is still counted once.
 
 A row may carry its budget settlement (the reservation its call held, as the budget guard wrote
 it: ``{"record": {...}, "settlement": {...}}``; a line without one is the record alone). The
-replay settles it in the row's transaction, and settling is idempotent too (a reservation is
-released only by the transaction that deletes it), so the counters catch up with the ledger
-once, as soon as the rows land.
+replay settles it in the transaction that inserts the row, and only then: a row already in the
+ledger was committed with its settlement (the line is a repeat, e.g. a file replayed again
+after a crash between its commit and its deletion, or a row the writer process committed just
+before it died), so settling it again would book a gateway key's spend twice. The exception is
+marked ``"row_written": true``: the row committed but its settlement did not (the database
+went away between the two), and the replay settles it although the row is not new.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Spooled:
 
     record: UsageRecord
     settlement: Mapping[str, Any] | None = None
+    row_written: bool = False  # the row is in the ledger already; only the settlement is due
 
 
 class UsageSpool:
@@ -44,11 +48,19 @@ class UsageSpool:
         self._lock = threading.Lock()
         self._path = directory / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
 
-    def append(self, record: UsageRecord, settlement: Mapping[str, Any] | None = None) -> None:
+    def append(
+        self,
+        record: UsageRecord,
+        settlement: Mapping[str, Any] | None = None,
+        *,
+        row_written: bool = False,
+    ) -> None:
         """Add the row (with its settlement, if any) durably to this process's file."""
         data_json: dict[str, Any] = record.to_json()
         if settlement is not None:
             data_json = {"record": data_json, "settlement": dict(settlement)}
+            if row_written:
+                data_json["row_written"] = True
         line = json.dumps(data_json, separators=(",", ":")) + "\n"
         data = line.encode("utf-8")
         with self._lock:
@@ -123,7 +135,11 @@ def _read_records(path: Path) -> Iterable[Spooled]:
             try:
                 data = json.loads(line)
                 if "record" in data:
-                    yield Spooled(UsageRecord.from_json(data["record"]), data.get("settlement"))
+                    yield Spooled(
+                        UsageRecord.from_json(data["record"]),
+                        data.get("settlement"),
+                        row_written=data.get("row_written") is True,
+                    )
                 else:
                     yield Spooled(UsageRecord.from_json(data))
             except (ValueError, TypeError, KeyError):

@@ -336,6 +336,8 @@ class UsageWriter:
         record: UsageRecord,
         also: Callable[[Tx], None] | None = None,
         settlement: Mapping[str, Any] | None = None,
+        *,
+        also_if_new: bool = False,
     ) -> WriteOutcome:
         """Persist ``record``, or spool it when the database cannot take it.
 
@@ -343,12 +345,14 @@ class UsageWriter:
         If anything in it fails, the row is written again on its own: ``also`` never costs a row.
         On an outage (or while the breaker is open) the row is spooled at once, with
         ``settlement`` (the reservation ``also`` would have settled) to be settled on replay.
+        ``also_if_new``: run ``also`` only if the row is new (a row already in the ledger was
+        committed with it: a write repeated after the writer process died unacknowledged).
         """
         for extra in (also, None) if also is not None else (None,):
             try:
                 with self.breaker.transaction(self.gate) as tx:
-                    insert_usage(tx, record)
-                    if extra is not None:
+                    inserted = insert_usage(tx, record)
+                    if extra is not None and (inserted or not also_if_new):
                         extra(tx)
                 return WriteOutcome(persisted=True, also_committed=extra is not None)
             except DatabaseUnavailable:
@@ -362,11 +366,16 @@ class UsageWriter:
         return self.spool_row(record, settlement if also is not None else None)
 
     def spool_row(
-        self, record: UsageRecord, settlement: Mapping[str, Any] | None = None
+        self,
+        record: UsageRecord,
+        settlement: Mapping[str, Any] | None = None,
+        *,
+        row_written: bool = False,
     ) -> WriteOutcome:
-        """Put the row (and its settlement) in the spool; replaying a row already written
-        only settles (the row itself is inserted once)."""
-        self.spool.append(record, settlement)
+        """Put the row (and its settlement) in the spool. The replay inserts the row once and
+        settles with it; ``row_written``: the row committed without its settlement, which the
+        replay then does although the row is not new."""
+        self.spool.append(record, settlement, row_written=row_written)
         USAGE_SPOOLED.inc()
         USAGE_SPOOL_PENDING.inc()
         return WriteOutcome(False, False, settlement_spooled=settlement is not None)
@@ -385,8 +394,12 @@ class UsageWriter:
         try:
             with self.breaker.transaction(self.gate) as tx:
                 for entry in entries:
-                    insert_usage(tx, entry.record)
-                    if entry.settlement is not None and replay_settlement is not None:
+                    inserted = insert_usage(tx, entry.record)
+                    if (
+                        entry.settlement is not None
+                        and replay_settlement is not None
+                        and (inserted or entry.row_written)
+                    ):
                         replay_settlement(tx, entry.record, entry.settlement)
         except SQLAlchemyError:
             raise
