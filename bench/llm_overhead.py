@@ -6,6 +6,9 @@ and updates metrics and a span; the raw call does none of that. Calls alternate 
 so drift on a noisy machine hits both equally; the figure that matters is the difference.
 
     cd backend && .venv/bin/python ../bench/llm_overhead.py [--calls 2000] [--concurrency 100]
+
+``--compare-writers`` runs concurrent rounds only: raw, rows committed by the tracking thread
+(``TRACKING_WRITER=thread``) and by the writer process (``process``, the default), in turn.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -127,6 +131,37 @@ async def concurrent_rounds(
     return out
 
 
+async def concurrent_writers(
+    runtimes: dict[str, Runtime], raw: openai.AsyncOpenAI, concurrency: int, rounds: int
+) -> dict[str, Any]:
+    """Rounds of ``concurrency`` calls, raw and then tracked by each runtime (one per
+    ``TRACKING_WRITER``), in turn, after one warm-up round of each: each writer's throughput
+    against the raw rounds of the same run."""
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "raw": lambda: raw.chat.completions.create(messages=MESSAGES, model=MODEL)  # type: ignore[arg-type]
+    }
+    for name, runtime in runtimes.items():
+        client = AsyncLLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
+        calls[name] = functools.partial(client.chat_completion, messages=MESSAGES, model=MODEL)
+    walls: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds + 1):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            await asyncio.gather(*(call() for _ in range(concurrency)))
+            if r > 0:
+                walls[name].append((time.perf_counter() - started) * 1000)
+    raw_wall = statistics.median(walls["raw"])
+    out: dict[str, Any] = {"raw_round_ms": round(raw_wall, 3)}
+    for name in runtimes:
+        wall = statistics.median(walls[name])
+        out[name] = {
+            "round_ms": round(wall, 3),
+            "added_per_call_ms": round((wall - raw_wall) / concurrency, 3),
+            "tracked_vs_raw_throughput": round(raw_wall / wall, 3),
+        }
+    return out
+
+
 @contextlib.contextmanager
 def simulator_process() -> Iterator[str]:
     """The simulator in its own process, like a real provider: it does not share our GIL."""
@@ -183,6 +218,45 @@ def raw_clients(base_url: str) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
     return raw, raw_async
 
 
+def compare_writers(args: argparse.Namespace) -> dict[str, Any]:
+    """The two ``TRACKING_WRITER`` settings side by side in one run (ratios hold on a noisy
+    machine where absolute times do not)."""
+    limited = ("task_max", "user_daily", "user_monthly", "global_daily") if args.limits else ()
+    with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
+        runtimes: dict[str, Runtime] = {}
+        for writer in ("thread", "process"):
+            scratch = Path(tmp) / writer
+            scratch.mkdir()
+            runtimes[writer] = bench_runtime(
+                f"sqlite:///{scratch / 'bench.db'}",
+                base_url,
+                scratch,
+                budget_enforcement=not args.no_budgets,
+                tracking_writer=writer,
+                **{f"budget_{scope}_usd": Decimal(1_000_000) for scope in limited},
+            )
+        process = runtimes["process"].db_worker.process
+        if process is None or not process.start(wait=60):
+            raise SystemExit("the writer process did not start")
+        _, raw_async = raw_clients(base_url)
+        results: dict[str, Any] = {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "budgets": "off" if args.no_budgets else "all scopes limited" if args.limits else "on",
+            f"concurrent_{args.concurrency}": asyncio.run(
+                concurrent_writers(runtimes, raw_async, args.concurrency, args.rounds)
+            ),
+            "load_average": os.getloadavg(),
+        }
+        rows = {}
+        for writer, runtime in runtimes.items():
+            with runtime.engine.connect() as conn:
+                rows[writer] = conn.exec_driver_sql("SELECT count(*) FROM llm_usage").scalar()
+            runtime.close()
+        results["rows_written"] = rows
+        results["rows_by_writer_process"] = process.acknowledged
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000, help="sequential calls of each kind")
@@ -199,7 +273,21 @@ def main() -> None:
         action="store_true",
         help="a (never reached) limit on all four scopes: every call reserves and settles",
     )
+    parser.add_argument(
+        "--writer",
+        choices=("process", "thread"),
+        default="process",
+        help="TRACKING_WRITER: who commits the async calls' rows",
+    )
+    parser.add_argument(
+        "--compare-writers",
+        action="store_true",
+        help="concurrent rounds only: raw, thread-written and process-written rounds in turn",
+    )
     args = parser.parse_args()
+    if args.compare_writers:
+        print(json.dumps(compare_writers(args), indent=2))
+        return
 
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
@@ -209,9 +297,12 @@ def main() -> None:
             base_url,
             Path(tmp),
             budget_enforcement=not args.no_budgets,
+            tracking_writer=args.writer,
             **{f"budget_{scope}_usd": Decimal(1_000_000) for scope in limited},
         )
         raw, raw_async = raw_clients(base_url)
+        if runtime.db_worker.process is not None:
+            runtime.db_worker.process.start(wait=30)
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -220,6 +311,7 @@ def main() -> None:
             },
             "database": url.split("://")[0],
             "budgets": "off" if args.no_budgets else "all scopes limited" if args.limits else "on",
+            "writer": args.writer,
             "sequential": None if args.concurrent_only else sequential(runtime, raw, args.calls),
             f"concurrent_{args.concurrency}": asyncio.run(
                 concurrent(runtime, raw_async, args.concurrency, args.rounds)

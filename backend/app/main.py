@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         set_runtime(runtime)
         materialize_examples(cfg.examples_dir)
         runtime.start_jobs()
+        if runtime.db_worker.process is not None:
+            runtime.db_worker.process.start()  # ready before the first async calls need it
         logger.info(
             "ASA ready: database %s, LLM endpoint %s",
             runtime.engine.url.render_as_string(hide_password=True),

@@ -10,7 +10,7 @@ import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         le=3600,
         description="How long a SQLite write waits for another connection's lock before it "
         "fails; a usage row then goes to the spool rather than hold up its call.",
+    )
+    tracking_writer: Literal["process", "thread"] = Field(
+        default="process",
+        description="Who commits async callers' usage rows: a writer process beside each "
+        "service process (outside its GIL: the event loop keeps its CPU), or a thread in it. "
+        "In-memory SQLite always uses the thread.",
     )
     usage_retention_days: int | None = Field(
         default=None, ge=1, description="Prune raw llm_usage rows older than this, daily."

@@ -11,6 +11,7 @@ import contextvars
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ import openai
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.budgets.guard import DatabaseBudgetGuard, replay_settlement
+from app.budgets.guard import DatabaseBudgetGuard, announce_settled, replay_settlement
 from app.core.config import Settings, get_settings
 from app.core.db import SqliteCheckpointer, create_db_engine, create_session_factory
 from app.core.prepared import write_gate
@@ -30,6 +31,7 @@ from app.tracking.breaker import database_breaker, engine_timeouts
 from app.tracking.db_worker import DbWorker
 from app.tracking.pricing import PriceBook
 from app.tracking.spool import UsageSpool
+from app.tracking.write_process import WriterConfig, WriterProcess, shareable
 from app.tracking.writer import SpoolReplayer, UsageWriter
 
 if TYPE_CHECKING:
@@ -85,7 +87,20 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.recomputes = BackgroundRuns()
-        self.db_worker = DbWorker(self.writer)
+        self.db_worker = DbWorker(self.writer, self._writer_process())
+
+    def _writer_process(self) -> Callable[[DbWorker], WriterProcess] | None:
+        """How to build the writer process of ``TRACKING_WRITER=process`` (None: the thread)."""
+        if self.settings.tracking_writer != "process" or not shareable(self.engine):
+            return None
+        config = WriterConfig(
+            database_url=self.engine.url.render_as_string(hide_password=False),
+            sqlite_busy_timeout=self.settings.sqlite_busy_timeout_seconds,
+            spool_dir=str(self.writer.spool.directory),
+        )
+        return lambda worker: WriterProcess(
+            config, on_lost=worker.rewrite, announce=announce_settled
+        )
 
     @functools.cached_property
     def secrets(self) -> tuple[str, ...]:

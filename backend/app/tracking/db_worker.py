@@ -27,17 +27,22 @@ now getting its item's result from ``batched``. A function must therefore do not
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.core.prepared import Tx
 from app.tracking.record import UsageRecord
 from app.tracking.writer import UsageWriter, WriteOutcome, insert_new_usage
+
+if TYPE_CHECKING:
+    from app.tracking.write_process import WriterProcess
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +84,42 @@ class _Write:
     record: UsageRecord
     also: Callable[[Tx], None] | None
     settlement: Mapping[str, Any] | None = None
-    future: Future[WriteOutcome] = field(default_factory=Future)
+    # Where the outcome goes: ``waiter`` on ``loop`` for an event loop's caller, else ``future``.
+    future: Future[WriteOutcome] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[WriteOutcome] | None = None
+    # Sent to a writer process that died before acknowledging it: the row may be in the ledger
+    # already, with its settlement, so ``also`` runs only if the row is new.
+    repeat: bool = False
+
+    def resolve(self, outcome: WriteOutcome | BaseException) -> None:
+        """Hand the outcome (or the exception) to whoever waits; from any thread."""
+        if self.loop is not None:
+            deliver(self.loop, [(self, outcome)])
+        elif self.future is not None:
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
+
+
+def deliver(
+    loop: asyncio.AbstractEventLoop, results: list[tuple[_Write, WriteOutcome | BaseException]]
+) -> None:
+    """Resolve the waiters of ``results`` (all on ``loop``) with one wake-up of the loop."""
+
+    def resolve_here() -> None:
+        for job, outcome in results:
+            waiter = job.waiter
+            if waiter is None or waiter.done():
+                continue  # the caller stopped waiting (cancelled)
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(resolve_here)
 
 
 @dataclass(slots=True)
@@ -94,12 +134,19 @@ _STOP = object()
 class DbWorker:
     """Runs tracking work submitted from event loops on one dedicated thread."""
 
-    def __init__(self, writer: UsageWriter) -> None:
+    def __init__(
+        self,
+        writer: UsageWriter,
+        process: Callable[[DbWorker], WriterProcess] | None = None,
+    ) -> None:
         self._writer = writer
         self._queue: queue.SimpleQueue[_Write | _Call | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # The writer process that commits rows outside this process's GIL (``process(self)``
+        # builds it; None: this thread writes them).
+        self.process = process(self) if process is not None else None
 
     def write(
         self,
@@ -108,10 +155,45 @@ class DbWorker:
         settlement: Mapping[str, Any] | None = None,
     ) -> Future[WriteOutcome]:
         """Persist (or spool, with ``settlement``) ``record`` with ``also`` in its transaction;
-        never fails."""
-        job = _Write(record, also, settlement)
-        self._submit(job)
+        never fails.
+
+        With a writer process the row goes there whenever its joined work can travel as data:
+        ``also`` must then be the settlement of the reservation ``settlement`` (what the budget
+        guard's ``settle`` does), which the writer process performs in its place.
+        """
+        job = _Write(record, also, settlement, future=Future())
+        self._route(job)
+        assert job.future is not None
         return job.future
+
+    async def write_async(
+        self,
+        record: UsageRecord,
+        also: Callable[[Tx], None] | None,
+        settlement: Mapping[str, Any] | None = None,
+    ) -> WriteOutcome:
+        """``write`` for an event loop: the outcome comes back without a thread's future (a
+        writer process's acknowledgements wake the loop once per batch, not once per row)."""
+        loop = asyncio.get_running_loop()
+        job = _Write(record, also, settlement, loop=loop, waiter=loop.create_future())
+        self._route(job)
+        assert job.waiter is not None
+        return await job.waiter
+
+    def _route(self, job: _Write) -> None:
+        process = self.process
+        if (
+            process is None
+            or (job.also is not None and job.settlement is None)
+            or not process.submit(job)
+        ):
+            self._submit(job)
+
+    def rewrite(self, jobs: list[_Write]) -> None:
+        """Write on this thread the rows a writer process took and never acknowledged."""
+        for job in jobs:
+            job.repeat = True
+            self._submit(job)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on a worker thread; its result or exception lands in the future."""
@@ -120,7 +202,9 @@ class DbWorker:
         return job.future
 
     def close(self) -> None:
-        """Finish every submitted job, then stop the thread."""
+        """Let the writer process finish, then every submitted job, then stop the thread."""
+        if self.process is not None:
+            self.process.close()
         with self._lock:
             if self._closed:
                 return
@@ -202,27 +286,50 @@ class DbWorker:
                     _pass.result = None
 
     def _write_batch(self, writes: list[_Write]) -> None:
-        if len(writes) > 1 and not self._writer.breaker.is_open:
-            try:
-                with self._writer.breaker.transaction(self._writer.gate) as tx:
-                    insert_new_usage(tx, [job.record for job in writes])
-                    for job in writes:
-                        if job.also is not None:
-                            job.also(tx)
-            except Exception as exc:
-                logger.warning(
-                    "A batch of %d usage rows failed; writing one by one: %s", len(writes), exc
-                )
-            else:
-                for job in writes:
-                    job.future.set_result(WriteOutcome(True, job.also is not None))
-                return
-        for job in writes:
-            try:
-                outcome = self._writer.write(job.record, also=job.also, settlement=job.settlement)
-                job.future.set_result(outcome)
-            except BaseException as exc:
-                job.future.set_exception(exc)
+        write_batch(self._writer, writes)
+
+
+def write_batch(writer: UsageWriter, writes: list[_Write]) -> None:
+    """Commit ``writes`` in one transaction, or one by one if that fails (``writer.write``
+    spools what the database refuses); each job's future gets its ``WriteOutcome``."""
+    fresh = [job for job in writes if not job.repeat]
+    outcomes: list[tuple[_Write, WriteOutcome | BaseException]] = []
+    if len(fresh) > 1 and not writer.breaker.is_open:
+        try:
+            with writer.breaker.transaction(writer.gate) as tx:
+                insert_new_usage(tx, [job.record for job in fresh])
+                for job in fresh:
+                    if job.also is not None:
+                        job.also(tx)
+        except Exception as exc:
+            logger.warning(
+                "A batch of %d usage rows failed; writing one by one: %s", len(fresh), exc
+            )
+        else:
+            outcomes = [(job, WriteOutcome(True, job.also is not None)) for job in fresh]
+            writes = [job for job in writes if job.repeat]
+    for job in writes:
+        try:
+            outcome: WriteOutcome | BaseException = writer.write(
+                job.record, also=job.also, settlement=job.settlement, also_if_new=job.repeat
+            )
+        except BaseException as exc:
+            outcome = exc
+        outcomes.append((job, outcome))
+    resolve_all(outcomes)
+
+
+def resolve_all(results: list[tuple[_Write, WriteOutcome | BaseException]]) -> None:
+    """Resolve each job's waiter or future: one wake-up per event loop for the lot."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Write, WriteOutcome | BaseException]]]
+    by_loop = {}
+    for job, outcome in results:
+        if job.loop is not None:
+            by_loop.setdefault(job.loop, []).append((job, outcome))
+        else:
+            job.resolve(outcome)
+    for loop, group in by_loop.items():
+        deliver(loop, group)
 
 
 def _finish(job: _Call) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -67,8 +68,16 @@ class UsageRecord:
         values["timestamp"] = self.timestamp.isoformat()
         return values
 
+    def to_tuple(self) -> tuple[Any, ...]:
+        """Every field's value in order (``UsageRecord(*values)`` builds it again): what the
+        writer process is sent, a few times cheaper to pickle than the dataclass."""
+        return _FIELD_VALUES(self)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UsageRecord:
         data = dict(data)
         data["timestamp"] = datetime.fromisoformat(data["timestamp"])
         return cls(**data)
+
+
+_FIELD_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(UsageRecord)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from opentelemetry import trace
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -386,7 +388,7 @@ class CallTracker:
         assert outcome is not None
         record, joined = outcome.record, self._joined_settle(outcome.record)
         try:
-            written = await asyncio.wrap_future(worker.write(record, joined, self._settlement()))
+            written = await worker.write_async(record, joined, self._settlement())
             settled = written.also_committed or written.settlement_spooled
         except Exception:
             TRACKING_ERRORS.labels("write").inc()
@@ -436,7 +438,7 @@ class CallTracker:
                 logger.warning("Could not settle the reservation of %s: %s", record.request_id, exc)
                 return
             try:
-                self.writer.spool_row(record, settlement)
+                self.writer.spool_row(record, settlement, row_written=True)
             except Exception:
                 TRACKING_ERRORS.labels("settle").inc()
                 logger.exception("Could not spool the settlement of %s", record.request_id)
@@ -644,13 +646,22 @@ def prompt_fragments(messages: Any) -> tuple[str, ...]:
     return fragments_of(CHAT.prompt_texts({"messages": messages}))
 
 
+_MISSING = object()
+# Read once, as OpenTelemetry itself reads it (on the first ``get_tracer_provider``).
+_PROVIDER_FROM_ENV = OTEL_PYTHON_TRACER_PROVIDER in os.environ
+
+
 def _is_noop(tracer: Tracer) -> bool:
     """True for a tracer that can only ever make invalid, non-recording spans."""
     if isinstance(tracer, trace.NoOpTracer):
         return True
-    return isinstance(tracer, trace.ProxyTracer) and isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider
-    )
+    if not isinstance(tracer, trace.ProxyTracer):
+        return False
+    # No provider set: ``get_tracer_provider`` would look the environment up on every call.
+    installed = getattr(trace, "_TRACER_PROVIDER", _MISSING)
+    if installed is None and not _PROVIDER_FROM_ENV:
+        return True
+    return isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def default_tracer() -> Tracer:

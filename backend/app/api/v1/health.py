@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from app.api.auth import AccessModeDep, require_metrics_token
+from app.api.auth import AccessModeDep
 from app.api.deps import RuntimeDep
 from app.core.redaction import redact
-from app.observability import render_metrics
+from app.core.runtime import Runtime
 from app.tracking.breaker import BreakerState, database_breaker
 
 router = APIRouter()
+WriterState = Literal["process", "starting", "down", "thread"]
 
 
 class HealthResponse(BaseModel):
@@ -28,6 +29,9 @@ class HealthResponse(BaseModel):
     # "open": an outage was met; tracking spools rows and settlements without waiting for the
     # database, and a background probe closes it when the database answers again.
     database_breaker: BreakerState
+    # Who commits async callers' rows: "process" (the writer process, TRACKING_WRITER=process),
+    # "thread", or the writer process "starting" / "down" (the thread writes meanwhile).
+    tracking_writer: WriterState
 
 
 @router.get("/health", response_model=HealthResponse, tags=["service"])
@@ -49,16 +53,19 @@ def health(runtime: RuntimeDep, auth_mode: AccessModeDep) -> HealthResponse:
         opentelemetry=runtime.settings.enable_opentelemetry,
         auth_mode=auth_mode,
         database_breaker=breaker,
+        tracking_writer=_tracking_writer(runtime),
     )
 
 
-@router.get(
-    "/metrics",
-    tags=["service"],
-    response_class=Response,
-    dependencies=[Depends(require_metrics_token)],
-)
-def metrics(runtime: RuntimeDep, accept: Annotated[str | None, Header()] = None) -> Response:
-    """Prometheus exposition; OpenMetrics (with trace-id exemplars) when the scraper asks."""
-    body, content_type = render_metrics(accept, runtime.settings.prometheus_multiproc_dir)
-    return Response(content=body, media_type=content_type)
+_WRITER_STATES: dict[str, WriterState] = {
+    "up": "process",
+    "starting": "starting",
+    "idle": "starting",  # started at startup, or by the first write
+    "down": "down",
+    "closed": "down",
+}
+
+
+def _tracking_writer(runtime: Runtime) -> WriterState:
+    process = runtime.db_worker.process
+    return "thread" if process is None else _WRITER_STATES[process.state]

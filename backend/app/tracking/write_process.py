@@ -1,0 +1,437 @@
+"""The writer process: async callers' usage rows committed outside the service's GIL.
+
+An event loop that makes LLM calls spends most of its CPU in the SDK's Python. When the
+tracking thread (``DbWorker``) commits the rows in the same process, every SQLite or psycopg
+call hands the GIL back and forth with the event loop, and the loop's calls slow down by more
+than the write itself costs (issue 17: tracked async throughput 0.80x raw with the thread,
+0.91x with the rows committed in another process). So each service process runs one writer
+process beside it (``TRACKING_WRITER=process``, the default for a file or server database):
+
+- The caller still waits for its row's commit: ``DbWorker.write`` hands the row and its budget
+  settlement (the reservation, as data: ``Reservation.to_json``) to ``WriterProcess.submit``,
+  which sends them over a Unix socket pair; the child commits every row that arrived together in
+  one transaction (``DbWorker``'s batch code: ``writer.insert_new_usage``, the settlements by
+  ``guard.settle_data``) and acknowledges each with its ``WriteOutcome``. What the settlements
+  warned about (a soft limit crossed, an expired reservation) comes back with the
+  acknowledgement and is announced here, where the service's metrics are.
+- Nothing is lost or counted twice if the child dies: every row sent and not acknowledged is
+  written again by the tracking thread, its settlement done only if the row is new (a row in
+  the ledger was committed with its settlement: ``UsageWriter.write(also_if_new=True)``); the
+  spool replays likewise (``app.tracking.spool``). The child is started again on a later write
+  (after 1 s, doubling up to a minute while it keeps dying); meanwhile the thread writes.
+- The child starts on the first write (until it says it is ready the thread writes), exits
+  when the service closes the socket (after acknowledging everything it read) or when the
+  service dies (the socket's end of file), ignores Ctrl-C (the service drains it), and is
+  killed if it does not exit in time. A row the database cannot take goes to the same spool
+  directory, which the service's replayer empties.
+- Frames are pickles (a 4-byte length, then the body), exchanged only with our own child
+  over a socket pair no other process holds.
+
+In-memory SQLite cannot be shared with another process, so there the thread writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, make_url
+
+from app.observability import TRACKING_ERRORS, USAGE_SPOOL_PENDING, USAGE_SPOOLED
+from app.tracking.db_worker import resolve_all
+from app.tracking.record import UsageRecord
+from app.tracking.writer import WriteOutcome
+
+if TYPE_CHECKING:
+    from app.budgets.guard import Settled
+    from app.tracking.db_worker import _Write
+
+logger = logging.getLogger(__name__)
+
+READY = "ready"
+MAX_MESSAGE = 1 << 20  # a row bigger than this pickled is written by the thread
+SOCKET_BUFFER = 4 << 20
+ACKS_PER_MESSAGE = 64
+MAX_IN_FLIGHT = 2048  # rows sent and not yet acknowledged; beyond, the thread writes
+STOP_TIMEOUT_SECONDS = 30.0  # to drain on close before the child is killed
+FIRST_RETRY_SECONDS = 1.0
+LAST_RETRY_SECONDS = 60.0
+BACKEND_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the ``app`` package
+
+
+@dataclass(frozen=True, slots=True)
+class WriterConfig:
+    """What the child needs to open the same database and spool as the service."""
+
+    database_url: str
+    sqlite_busy_timeout: float
+    spool_dir: str
+
+
+def shareable(engine: Engine) -> bool:
+    """True if another process can open the engine's database (not in-memory SQLite)."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite":
+        return True
+    return bool(url.database) and url.database != ":memory:" and "mode=memory" not in str(url)
+
+
+# -- messages -------------------------------------------------------------------------------
+# A SOCK_SEQPACKET socket pair keeps messages whole: one pickle per send, sent entirely or not at
+# all, one per receive. The service never blocks on a send (``MSG_DONTWAIT``: a child that has
+# fallen behind makes the thread write the row instead); the child blocks on its sends, which the
+# service's receiver thread always reads.
+
+
+def _encode(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _receive_message(sock: socket.socket, flags: int = 0) -> Any:
+    """The next message (None at end of file or on a broken socket)."""
+    try:
+        data = sock.recv(MAX_MESSAGE, flags)
+    except (BlockingIOError, InterruptedError):
+        raise
+    except OSError:
+        return None
+    if not data:
+        return None
+    return pickle.loads(data)  # noqa: S301 - only our own child or parent holds the pair
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in (ours, theirs):
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    return ours, theirs
+
+
+# -- the service's side -----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Link:
+    """One child process and the rows it owes an acknowledgement for."""
+
+    process: subprocess.Popen[bytes]
+    sock: socket.socket
+    up: bool = False  # the child said it is ready
+    lost: bool = False  # its rows were handed back; it takes no more
+    pending: dict[int, _Write] = field(default_factory=dict)
+
+
+class WriterProcess:
+    """Starts, feeds and watches the writer process of one service process."""
+
+    def __init__(
+        self,
+        config: WriterConfig,
+        *,
+        on_lost: Callable[[list[_Write]], None],
+        announce: Callable[[Settled], None],
+    ) -> None:
+        self._config = config
+        self._on_lost = on_lost  # rows sent to a child that died: the thread writes them
+        self._announce = announce
+        self._lock = threading.Lock()  # guards the link, the sequence and each link's pending
+        self._link: _Link | None = None
+        self._receiver: threading.Thread | None = None
+        self._seq = 0
+        self._retry_at = 0.0
+        self._retry_delay = FIRST_RETRY_SECONDS
+        self._closed = False
+        # What it did (read by /health and the tests): children started, rows acknowledged,
+        # rows handed back to the thread because a child died without acknowledging them.
+        self.starts = 0
+        self.acknowledged = 0
+        self.handed_back = 0
+
+    @property
+    def state(self) -> str:
+        """``up``, ``starting``, ``down`` (waiting to start again), ``idle`` or ``closed``."""
+        with self._lock:
+            link = self._link
+            if self._closed:
+                return "closed"
+            if link is None:
+                return "down" if self._retry_at else "idle"
+            return "up" if link.up else "starting"
+
+    @property
+    def pid(self) -> int | None:
+        link = self._link
+        return link.process.pid if link is not None else None
+
+    def start(self, *, wait: float = 0.0) -> bool:
+        """Start the child now (a service does, at startup) rather than on the first write;
+        wait up to ``wait`` seconds for it to be ready. True if it is."""
+        with self._lock:
+            if self._link is None:
+                self._start_if_due()
+        deadline = time.monotonic() + wait
+        while self.state == "starting" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.state == "up"
+
+    def submit(self, job: _Write) -> bool:
+        """Send ``job``'s row and settlement to the child; False if it cannot take it now
+        (not started yet, restarting, closed, or too far behind): the caller writes it."""
+        with self._lock:
+            link = self._link
+            if link is None or self._closed:
+                self._start_if_due()  # (not once closed)
+                return False
+            if not link.up or link.lost or len(link.pending) >= MAX_IN_FLIGHT:
+                return False
+            self._seq += 1
+            seq = self._seq
+            link.pending[seq] = job
+        try:
+            message = _encode((seq, job.record.to_tuple(), job.settlement))
+            if len(message) > MAX_MESSAGE:
+                raise ValueError("row too big for a message")
+            link.sock.send(message, socket.MSG_DONTWAIT)  # whole or not at all
+        except Exception as exc:
+            with self._lock:
+                taken = link.pending.pop(seq, None) is not None
+            if not isinstance(exc, BlockingIOError | ValueError):
+                logger.warning("The writer process stopped taking rows: %s", exc)
+            # Not sent: the caller writes it (unless the receiver already handed it back).
+            return not taken
+        return True
+
+    def close(self) -> None:
+        """Let the child commit and acknowledge what it has, then stop it (killed if it does
+        not end within ``STOP_TIMEOUT_SECONDS``); rows it never took go to the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            link, receiver = self._link, self._receiver
+        if link is None:
+            return
+        if not link.up:  # still starting: it was sent nothing, so nothing is lost
+            _kill(link.process)
+        with contextlib.suppress(OSError):
+            link.sock.shutdown(socket.SHUT_WR)  # the child's end of file: drain and exit
+        if receiver is not None:
+            receiver.join(STOP_TIMEOUT_SECONDS)
+            if receiver.is_alive():
+                logger.warning("The writer process did not stop in time; killing it")
+                _kill(link.process)
+                receiver.join(STOP_TIMEOUT_SECONDS)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _start_if_due(self) -> None:
+        """Start a child (under ``_lock``) unless closed or waiting to retry."""
+        if self._closed or time.monotonic() < self._retry_at:
+            return
+        ours, theirs = _socket_pair()
+        try:
+            process = subprocess.Popen(  # noqa: S603 - this interpreter, our module
+                [sys.executable, "-m", "app.tracking.write_process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=_child_environment(),
+                cwd=BACKEND_ROOT,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            ours.close()
+            logger.warning("Could not start the writer process (%s); the thread writes", exc)
+            self._schedule_retry()
+            return
+        finally:
+            theirs.close()
+        ours.sendall(_encode(self._config))
+        link = _Link(process, ours)
+        self._link = link
+        self.starts += 1
+        self._receiver = threading.Thread(
+            target=self._receive, args=(link,), name="tracking-writer-acks", daemon=True
+        )
+        self._receiver.start()
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, LAST_RETRY_SECONDS)
+
+    def _receive(self, link: _Link) -> None:
+        try:
+            while (message := _receive_message(link.sock)) is not None:
+                if message == READY:
+                    with self._lock:
+                        link.up = True
+                        self._retry_delay = FIRST_RETRY_SECONDS
+                    continue
+                self._acknowledge(link, message)
+        except Exception:
+            logger.exception("Reading the writer process's acknowledgements failed")
+        finally:
+            self._lose(link)
+
+    def _acknowledge(self, link: _Link, acks: Iterable[tuple[int, WriteOutcome, Any]]) -> None:
+        with self._lock:
+            jobs = [(link.pending.pop(seq, None), done, settled) for seq, done, settled in acks]
+            self.acknowledged += len(jobs)
+        results: list[tuple[_Write, WriteOutcome | BaseException]] = []
+        for job, outcome, settled in jobs:
+            if job is None:
+                continue
+            if not outcome.persisted:  # the child's counters are not the service's
+                USAGE_SPOOLED.inc()
+                USAGE_SPOOL_PENDING.inc()
+            if settled is not None:
+                try:
+                    self._announce(settled)
+                except Exception:
+                    TRACKING_ERRORS.labels("settle").inc()
+                    logger.exception("Could not announce a settlement")
+            results.append((job, outcome))
+        resolve_all(results)
+
+    def _lose(self, link: _Link) -> None:
+        """The child is gone: hand its unacknowledged rows to the thread, retry later."""
+        _kill(link.process)
+        with self._lock:
+            link.lost, link.up = True, False
+            jobs, link.pending = list(link.pending.values()), {}
+            self.handed_back += len(jobs)
+            if self._link is link:
+                self._link = None
+                if not self._closed:
+                    self._schedule_retry()
+        link.sock.close()
+        code = link.process.returncode
+        if jobs or (code not in (0, None) and not self._closed):
+            logger.warning(
+                "The writer process ended (exit code %s) with %d rows unacknowledged; "
+                "the tracking thread writes them",
+                code,
+                len(jobs),
+            )
+        if jobs:
+            self._on_lost(jobs)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(OSError):
+            process.kill()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        logger.error("The writer process %d did not die", process.pid)
+
+
+def _child_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child's own metrics are not the service's: in multiprocess mode they would be merged
+    # into /metrics and count the spool twice (the service counts what the child reports).
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("prometheus_multiproc_dir", None)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{BACKEND_ROOT}{os.pathsep}{path}" if path else str(BACKEND_ROOT)
+    return env
+
+
+# -- the child's side -------------------------------------------------------------------------
+
+
+def serve(sock: socket.socket) -> None:
+    """Commit what arrives, batch by batch, and acknowledge each row; return at end of file."""
+    from app.budgets.guard import settle_data
+    from app.core.db import create_db_engine
+    from app.tracking.breaker import engine_timeouts
+    from app.tracking.db_worker import MAX_BATCH, _Write, write_batch
+    from app.tracking.spool import UsageSpool
+    from app.tracking.writer import UsageWriter
+
+    config = _receive_message(sock)
+    if not isinstance(config, WriterConfig):
+        return
+    extra: dict[str, Any] = engine_timeouts(config.database_url)
+    if make_url(config.database_url).get_backend_name() != "sqlite":
+        extra.update(pool_size=2, max_overflow=2)
+    engine = create_db_engine(
+        config.database_url, sqlite_busy_timeout=config.sqlite_busy_timeout, **extra
+    )
+    writer = UsageWriter(engine, UsageSpool(Path(config.spool_dir)))
+    sock.sendall(_encode(READY))
+
+    def settling(
+        record: UsageRecord, settlement: Mapping[str, Any], box: list[Settled]
+    ) -> Callable[[Any], None]:
+        def also(tx: Any) -> None:
+            box[:] = [settle_data(tx, record, settlement)]
+
+        return also
+
+    try:
+        while (first := _receive_message(sock)) is not None:
+            batch = [first]
+            done = False
+            while len(batch) < MAX_BATCH:  # and whatever else has arrived: one transaction
+                try:
+                    message = _receive_message(sock, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if message is None:
+                    done = True
+                    break
+                batch.append(message)
+            jobs: list[tuple[int, _Write, list[Settled]]] = []
+            for seq, values, settlement in batch:
+                record = UsageRecord(*values)
+                box: list[Settled] = []
+                also = settling(record, settlement, box) if settlement is not None else None
+                jobs.append((seq, _Write(record, also, settlement, future=Future()), box))
+            write_batch(writer, [job for _, job, _ in jobs])
+            acks = []
+            for seq, job, box in jobs:
+                assert job.future is not None
+                outcome = job.future.result()
+                acks.append((seq, outcome, box[0] if box and outcome.also_committed else None))
+            for start in range(0, len(acks), ACKS_PER_MESSAGE):
+                sock.sendall(_encode(acks[start : start + ACKS_PER_MESSAGE]))
+            if done:
+                break
+    finally:
+        engine.dispose()
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the service, which drains us
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s asa-writer[%(process)d] %(name)s: %(message)s"
+    )
+    sock = socket.socket(fileno=int(argv[1]))
+    try:
+        serve(sock)
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the service is gone; what it did not acknowledge it writes itself
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as the imported module, not ``__main__``, so that the frames unpickle to its classes.
+    from app.tracking import write_process
+
+    sys.exit(write_process.main(sys.argv))

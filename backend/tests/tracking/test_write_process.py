@@ -1,0 +1,273 @@
+"""The writer process (``app.tracking.write_process``) commits async callers' rows and their
+budget settlements outside the service's GIL: every row exactly once, the counters equal to the
+ledger, whether the child lives, is killed mid-stream, or the service closes - on SQLite and
+PostgreSQL, with the real child process, the openai SDK and the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import REGISTRY
+from sqlalchemy import create_engine, func, select
+
+from app.budgets.guard import Reservation, settle_data
+from app.core.runtime import Runtime
+from app.models import BudgetScope, LLMUsage
+from app.simulator.server import SimulatorServer
+from app.tracking.llm_client import AsyncLLMClient
+from app.tracking.record import UsageRecord
+from app.tracking.spool import Spooled
+from app.tracking.write_process import WriterProcess, shareable
+from tests.budgets.test_budgets import MAX_TOKENS, MESSAGES, MODEL, PRICES, script_exact_usage
+from tests.budgets.test_outage import books
+from tests.conftest import RuntimeFactory
+from tests.support.reliability import wait_until
+
+USER = "writer-user"
+
+
+def limited_runtime(runtime_factory: RuntimeFactory, *, start: bool = True) -> Runtime:
+    """A runtime whose every call reserves and settles (a limit it never reaches), its writer
+    process started (``start``)."""
+    runtime = runtime_factory(price_overrides=PRICES, budget_user_daily_usd=Decimal(1000))
+    if start:
+        assert writer_of(runtime).start(wait=60), "the writer process did not start"
+    return runtime
+
+
+def writer_of(runtime: Runtime) -> WriterProcess:
+    process = runtime.db_worker.process
+    assert process is not None, "TRACKING_WRITER=process is the default"
+    return process
+
+
+async def call_many(runtime: Runtime, calls: int, concurrency: int, prefix: str) -> int:
+    """``calls`` limited calls from ``concurrency`` coroutines; how many returned."""
+    done = 0
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        client = AsyncLLMClient(task_id=f"{prefix}-{i % 5}", user_id=USER, runtime=runtime)
+        for _ in range(calls // concurrency):
+            await client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+            done += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return done
+
+
+def rows(runtime: Runtime) -> int:
+    with runtime.engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(LLMUsage)) or 0)
+
+
+async def test_the_writer_process_commits_every_row_and_settlement(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+
+    returned = await call_many(runtime, 200, 50, "wp")
+
+    assert returned == 200 == rows(runtime)
+    assert process.acknowledged == 200  # the child wrote them, not the thread
+    assert process.handed_back == 0 and process.starts == 1
+    assert books(runtime.engine).balanced, books(runtime.engine)  # spent = ledger, none held
+
+
+async def test_a_writer_process_killed_mid_stream_loses_and_doubles_nothing(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim, latency_ms=5)
+    first = process.pid
+    assert first is not None
+
+    async def kill_when_busy() -> None:
+        while process.acknowledged < 60:
+            await asyncio.sleep(0.005)
+        os.kill(first, signal.SIGKILL)
+
+    killer = asyncio.create_task(kill_when_busy())
+    returned = await call_many(runtime, 300, 60, "kill")
+    await killer
+    # A later write starts a new child (after its 1 s back-off); the thread wrote meanwhile.
+    deadline = time.monotonic() + 30
+    while process.state != "up" or process.pid == first:
+        assert time.monotonic() < deadline, process.state
+        returned += await call_many(runtime, 10, 10, "after")
+        await asyncio.sleep(0.1)
+    acknowledged = process.acknowledged
+    returned += await call_many(runtime, 40, 20, "after")
+
+    assert process.starts == 2 and process.acknowledged == acknowledged + 40
+    assert rows(runtime) == returned  # each call its one row: none lost, none twice
+    assert books(runtime.engine).balanced, books(runtime.engine)
+
+
+async def test_rows_a_stopped_child_never_acknowledged_are_written_by_the_thread(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it takes rows into its socket and commits none of them
+    try:
+        calls = asyncio.ensure_future(call_many(runtime, 20, 20, "stopped"))
+        await asyncio.to_thread(wait_until, lambda: sim.state.stats()["requests"] >= 20, 30)
+        await asyncio.sleep(0.3)
+        assert not calls.done()  # each call waits for its row's commit
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert await calls == 20
+
+    assert process.handed_back == 20 and process.acknowledged == 0
+    assert rows(runtime) == 20
+    assert books(runtime.engine).balanced, books(runtime.engine)
+
+
+async def test_closing_the_runtime_lets_the_writer_process_finish(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+    child = process.pid
+    assert await call_many(runtime, 40, 20, "close") == 40
+
+    await asyncio.to_thread(runtime.close)
+
+    assert process.state == "closed"
+    assert child is not None and not os.path.exists(f"/proc/{child}")  # it exited, reaped
+    assert process.handed_back == 0
+    assert rows(runtime) == 40
+    assert books(runtime.engine).balanced
+
+
+async def test_a_soft_limit_crossed_in_the_writer_process_is_counted_by_the_service(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    script_exact_usage(sim)
+    runtime = limited_runtime(runtime_factory)
+    probe = AsyncLLMClient(task_id="soft-probe", user_id="soft-probe", runtime=runtime)
+    await probe.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+    with runtime.engine.connect() as conn:
+        cost = int(conn.scalar(select(func.max(LLMUsage.cost_pico_usd))) or 0)
+    assert cost > 0
+    from tests.budgets.test_budgets import set_limit
+
+    set_limit(runtime, BudgetScope.TASK, "soft-task", Decimal(10 * cost) / 10**12)
+    before = REGISTRY.get_sample_value("llm_budget_soft_limit_total", {"scope": "task"}) or 0.0
+    client = AsyncLLMClient(task_id="soft-task", user_id=USER, runtime=runtime)
+    for _ in range(9):  # the 8th call crosses 80%
+        await client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+
+    assert writer_of(runtime).acknowledged == 10
+    after = REGISTRY.get_sample_value("llm_budget_soft_limit_total", {"scope": "task"})
+    assert after == before + 1
+
+
+def test_in_memory_sqlite_cannot_be_shared_so_the_thread_writes() -> None:
+    assert not shareable(create_engine("sqlite://"))
+    assert not shareable(create_engine("sqlite:///:memory:"))
+    assert shareable(create_engine("sqlite:////tmp/ledger.db"))
+    assert shareable(create_engine("postgresql+psycopg://u@127.0.0.1/db"))
+
+
+def test_the_thread_writer_is_kept_on_request(runtime_factory: RuntimeFactory) -> None:
+    assert runtime_factory(tracking_writer="thread").db_worker.process is None
+
+
+# -- a repeated row settles nothing twice --------------------------------------------------
+
+
+def record_of(task_id: str, cost: int) -> UsageRecord:
+    return UsageRecord(
+        request_id=uuid.uuid4().hex,
+        model=MODEL,
+        status="success",
+        task_id=task_id,
+        user_id=USER,
+        cost_pico_usd=cost,
+    )
+
+
+def held_reservation(runtime: Runtime, task_id: str) -> Reservation:
+    guard = runtime.budget_guard
+    assert guard is not None
+    from app.tracking.tracker import CallContext
+
+    reservation = guard.reserve(
+        context=CallContext(task_id=task_id, user_id=USER),
+        model=MODEL,
+        request={"messages": MESSAGES, "model": MODEL, "max_tokens": MAX_TOKENS},
+    )
+    assert reservation is not None and reservation.held
+    return reservation
+
+
+def test_a_row_written_again_after_its_writer_died_settles_only_if_new(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    runtime = limited_runtime(runtime_factory, start=False)
+    reservation = held_reservation(runtime, "again")
+    record = record_of("again", 1_000_000)
+    settled: list[object] = []
+
+    def settle(tx: object) -> None:
+        settled.append(settle_data(tx, record, reservation.to_json()))  # type: ignore[arg-type]
+
+    first = runtime.writer.write(record, also=settle, also_if_new=True)
+    again = runtime.writer.write(record, also=settle, also_if_new=True)
+
+    assert first.persisted and first.also_committed
+    assert again.persisted and again.also_committed  # settled with the first write
+    assert len(settled) == 1
+    assert rows(runtime) == 1
+    assert books(runtime.engine).balanced
+
+
+def test_a_repeated_spool_line_settles_once_and_a_row_written_line_settles(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    runtime = limited_runtime(runtime_factory, start=False)
+    settled: list[str] = []
+    replay = runtime.writer.settlement_replayer
+    assert replay is not None
+
+    def counted(tx: Any, record: UsageRecord, settlement: Mapping[str, Any]) -> None:
+        settled.append(record.request_id)
+        replay(tx, record, settlement)
+
+    runtime.writer.settlement_replayer = counted
+    twice = held_reservation(runtime, "spool-twice")
+    record = record_of("spool-twice", 2_000_000)
+    # The same line twice (a file replayed again after a crash between commit and delete, or
+    # a row a dying writer process spooled and the thread spooled again): a gateway key's spend
+    # would be booked twice if the second settled too.
+    runtime.writer.insert_spooled(
+        [Spooled(record, twice.to_json()), Spooled(record, twice.to_json())]
+    )
+    assert settled == [record.request_id]
+    assert books(runtime.engine).balanced
+
+    # A row that committed without its settlement (the database went away in between).
+    late = held_reservation(runtime, "spool-late")
+    written = record_of("spool-late", 3_000_000)
+    runtime.writer.write(written)
+    assert not books(runtime.engine).balanced  # its reservation is still held
+    runtime.writer.insert_spooled([Spooled(written, late.to_json(), row_written=True)])
+    assert settled == [record.request_id, written.request_id]
+    assert books(runtime.engine).balanced
+    assert rows(runtime) == 2
