@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Header, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from app.api.auth import AccessModeDep
+from app.api.auth import AccessModeDep, require_metrics_token
 from app.api.deps import RuntimeDep
 from app.core.redaction import redact
 from app.core.runtime import Runtime
+from app.observability import render_metrics
 from app.tracking.breaker import BreakerState, database_breaker
 
 router = APIRouter()
@@ -69,3 +70,15 @@ _WRITER_STATES: dict[str, WriterState] = {
 def _tracking_writer(runtime: Runtime) -> WriterState:
     process = runtime.db_worker.process
     return "thread" if process is None else _WRITER_STATES[process.state]
+
+
+@router.get(
+    "/metrics",
+    tags=["service"],
+    response_class=Response,
+    dependencies=[Depends(require_metrics_token)],
+)
+def metrics(runtime: RuntimeDep, accept: Annotated[str | None, Header()] = None) -> Response:
+    """Prometheus exposition; OpenMetrics (with trace-id exemplars) when the scraper asks."""
+    body, content_type = render_metrics(accept, runtime.settings.prometheus_multiproc_dir)
+    return Response(content=body, media_type=content_type)
