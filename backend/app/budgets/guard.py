@@ -81,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -92,7 +93,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from app.budgets import store
 from app.budgets.override_signal import LimitsCache, override_signal
@@ -104,7 +105,7 @@ from app.core.prepared import Tx, write_gate
 from app.models import BudgetScope
 from app.notifications import outbox as notification_outbox  # issue 16: events in the outbox
 from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
-from app.tracking.breaker import database_breaker
+from app.tracking.breaker import database_breaker, lost_a_race
 from app.tracking.db_worker import batched
 from app.tracking.pricing import PriceBook, TokenUsage
 from app.tracking.record import UsageRecord
@@ -129,6 +130,7 @@ PROMPT_OVERHEAD_TOKENS = 3
 TASK_WINDOW = date(1970, 1, 1)
 SWEEP_INTERVAL_SECONDS = 60.0
 SWEEP_BATCH = 500
+RACE_RETRIES = 5  # a reservation PostgreSQL ended to break a deadlock is tried again
 PRUNE_INTERVAL_SECONDS = 3600.0
 # A task's counter unused this long, with no reservation open, is pruned (the ledger keeps its
 # spend; the task's next limited call makes the counter again from it).
@@ -499,11 +501,20 @@ class DatabaseBudgetGuard:
         if limits is not None and _unlimited(limits):
             return self._unheld(context, day, limits)
         self._sweep_if_due(now)  # reclaim what dead processes held, before taking more
-        for attempt in range(3):
+        races = 0
+        for attempt in range(3 + RACE_RETRIES):
             try:
                 return self._hold(context, worst_case, keys, limits, now)
+            except DBAPIError as exc:
+                # PostgreSQL broke a deadlock by ending this transaction: another one (a usage
+                # row's spend trigger in a batch of several tasks' rows, another process's
+                # reservations) held a counter this one needed. Nothing was reserved: again.
+                races += 1
+                if not lost_a_race(exc) or races > RACE_RETRIES:
+                    raise
+                time.sleep(random.uniform(0.001, 0.01) * races)  # noqa: S311 - jitter, not a secret
             except store.CounterMissing:
-                if attempt == 2:
+                if attempt - races == 2:
                     raise
                 # The first limited call of a window: make its counters from the ledger (in a
                 # transaction of its own, holding no counter row), then try again.

@@ -67,6 +67,15 @@ def is_outage(exc: BaseException) -> bool:
     return not (isinstance(sqlstate, str) and sqlstate.startswith("40"))
 
 
+def lost_a_race(exc: BaseException) -> bool:
+    """True for a transaction PostgreSQL ended because it lost a race with another one (a
+    deadlock or a serialization failure, SQLSTATE class 40): running it again is the remedy."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith("40")
+
+
 class DatabaseBreaker:
     """Opens on an outage, probes in the background, closes when the database answers."""
 

@@ -153,6 +153,7 @@ async def test_health_shows_the_breaker_and_stays_degraded_until_it_closes(
             healthy = (await http.get("/health")).json()
             assert healthy["database_breaker"] == "closed" and healthy["status"] == "ok"
             assert healthy["database"] == "ok" and "spool_pending" in healthy  # fields kept
+            assert healthy["tracking_writer"] in ("process", "starting")  # started at startup
 
             outage.begin()
             client = LLMClient(runtime=runtime)

@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from app.budgets.guard import Reservation, settle_data
 from app.core.runtime import Runtime
@@ -271,3 +273,45 @@ def test_a_repeated_spool_line_settles_once_and_a_row_written_line_settles(
     assert settled == [record.request_id, written.request_id]
     assert books(runtime.engine).balanced
     assert rows(runtime) == 2
+
+
+# -- a reservation that loses a deadlock is taken again -------------------------------------
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_reservation_postgresql_ends_to_break_a_deadlock_is_taken_again(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """With rows committed beside the reservations, a batch of several tasks' rows books spend
+    on counters out of the reservations' lock order; PostgreSQL breaks such a deadlock by
+    ending one transaction. A reservation it ended is taken again, not refused."""
+    runtime = limited_runtime(runtime_factory, start=False)
+    held_reservation(runtime, "race-task")  # its counters exist from now on
+    guard = runtime.budget_guard
+    assert guard is not None
+    from app.tracking.tracker import CallContext
+
+    other = runtime.engine.connect()
+    lock = "SELECT 1 FROM budget_counter WHERE scope = :scope AND subject_id = :subject FOR UPDATE"
+    with other.begin():
+        # The user's counter first, as a row of another task booking its spend would...
+        other.execute(text(lock), {"scope": "user_daily", "subject": USER})
+        result: list[object] = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                guard.reserve(
+                    context=CallContext(task_id="race-task", user_id=USER),
+                    model=MODEL,
+                    request={"messages": MESSAGES, "model": MODEL, "max_tokens": MAX_TOKENS},
+                )
+            )
+        )
+        thread.start()  # takes the task's counter, then waits for the user's
+        time.sleep(0.3)
+        # ... then the task's counter: a cycle, which PostgreSQL breaks by ending the
+        # reservation's transaction (it has waited longest).
+        other.execute(text(lock), {"scope": "task", "subject": "race-task"})
+    other.close()
+    thread.join(30)
+
+    assert len(result) == 1 and isinstance(result[0], Reservation) and result[0].held
