@@ -5,7 +5,9 @@ in this process only, budgets off (no reservation, no settlement).
 Three ways of finishing a tracked call, each against the raw SDK in alternating rounds of 100
 concurrent chat completions (``llm_overhead.concurrent_rounds``):
 
-- ``thread``: the product path, the row committed by the tracking thread (``DbWorker``);
+- ``thread``: the row committed by the tracking thread (``DbWorker``, ``TRACKING_WRITER=thread``;
+  the product's default is now the writer process of ``app.tracking.write_process``, which
+  this experiment led to: ``llm_overhead.py --compare-writers`` measures the two);
 - ``process``: the row pickled to a writer process over a Unix socket, which commits each
   batch that arrived together (``writer.insert_new_usage``) and acknowledges it; the caller
   still waits for its commit;
@@ -102,7 +104,9 @@ class WriterConnection:
 def measure(mode: str, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        runtime = bench_runtime(url, base_url, Path(tmp), budget_enforcement=False)
+        runtime = bench_runtime(
+            url, base_url, Path(tmp), budget_enforcement=False, tracking_writer="thread"
+        )
         _, raw = raw_clients(base_url)
         client = AsyncLLMClient(task_id="bench", user_id="bench", agent="bench", runtime=runtime)
         path = str(Path(tmp) / "writer.sock")

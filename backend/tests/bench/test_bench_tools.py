@@ -63,3 +63,32 @@ def test_the_write_elsewhere_experiment_commits_every_row_through_the_writer_pro
     assert runs["process"]["rows_written"] == 200  # a warm-up round and one measured, 100 each
     assert runs["none"]["rows_written"] == 0
     assert all(run["tracked_vs_raw_throughput"] > 0 for run in runs.values())
+
+
+def test_compare_writers_runs_both_writers_and_every_row_is_written() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "llm_overhead.py"),
+            "--compare-writers",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "10",
+            "--limits",
+        ],
+        cwd=ROOT / "backend",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    rounds = result["concurrent_10"]
+    assert rounds["raw_round_ms"] > 0
+    assert {"thread", "process"} <= rounds.keys()
+    assert all(rounds[w]["tracked_vs_raw_throughput"] > 0 for w in ("thread", "process"))
+    # a warm-up round and a measured one of 10 calls for each writer, every row committed,
+    # the process-written ones by the writer process
+    assert result["rows_written"] == {"thread": 20, "process": 20}
+    assert result["rows_by_writer_process"] == 20
