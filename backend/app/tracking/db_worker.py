@@ -1,5 +1,11 @@
 """The thread that runs async callers' tracking SQL, many usage rows per transaction.
 
+With ``TRACKING_WRITER=process`` (the default) the usage rows themselves go to the writer
+process (``app.tracking.write_process``), which runs this module's ``write_batch``; the thread
+keeps the budget reservations, the settlements that could not join a row, and the rows a writer
+process took and died before acknowledging (``rewrite``: their settlement only if the row is
+new). What follows describes the thread.
+
 An ``AsyncLLMClient`` call has two blocking steps: the budget reservation before the call and
 the usage row (with the budget's settlement) after it. On anyio's worker threads (up to 40) a
 burst of concurrent calls convoyed: every thread wants the GIL back after each statement, so
