@@ -51,7 +51,11 @@ MODEL = "budget-model"
 PRICES = {MODEL: {"input_mtok": "1", "output_mtok": "2"}}
 MAX_TOKENS = 50
 MESSAGES = [{"role": "user", "content": "budgeted call"}]
-TODAY = datetime.now(UTC).date()
+
+
+def today() -> date:
+    """The UTC day now: read per use, so a run that crosses midnight reads today's windows."""
+    return datetime.now(UTC).date()
 
 
 def request_of(messages: list[dict[str, str]] = MESSAGES) -> dict[str, Any]:
@@ -73,8 +77,10 @@ def script_exact_usage(sim: SimulatorServer, *, extra_prompt_tokens: int = 0, **
     sim.state.add_scripts([ScriptRule.model_validate(rule)])
 
 
-def counter(runtime: Runtime, scope: BudgetScope, subject: str = "", day: date = TODAY) -> Any:
-    key = next(k for k in counter_keys("t", "u", day) if k.scope is scope)
+def counter(
+    runtime: Runtime, scope: BudgetScope, subject: str = "", day: date | None = None
+) -> Any:
+    key = next(k for k in counter_keys("t", "u", day or today()) if k.scope is scope)
     key = CounterKey(scope, subject, key.window_start)
     with runtime.engine.connect() as conn:
         return budgets_store.read_counter(conn, key) or CounterState()
@@ -451,7 +457,7 @@ def test_a_call_nothing_limits_touches_no_counter_and_a_later_limit_counts_its_s
     client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
 
     with runtime.engine.connect() as conn:
-        for key in counter_keys("t-free", "gus", TODAY):
+        for key in counter_keys("t-free", "gus", today()):
             assert budgets_store.read_counter(conn, key) is None, key
     # What the limits API shows comes from the ledger until a counter exists.
     with runtime.session_factory() as session:
