@@ -254,6 +254,7 @@ def compare_writers(args: argparse.Namespace) -> dict[str, Any]:
             runtime.close()
         results["rows_written"] = rows
         results["rows_by_writer_process"] = process.acknowledged
+        results["ack_messages_read_on_the_event_loop"] = process.loop_reads
     return results
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -31,6 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client import generate_latest as generate_text
 from prometheus_client import values as prometheus_values
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -139,6 +140,21 @@ MAX_AGENT_LABELS = 50  # GATEWAY_MAX_AGENT_LABELS: the gateway lets clients name
 model_label = BoundedLabels(MAX_MODEL_LABELS)
 """The model's label value; after MAX_MODEL_LABELS distinct models, new ones are 'other'."""
 agent_labels = BoundedLabels(MAX_AGENT_LABELS)
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+_CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: M, *values: str) -> M:
+    """``metric.labels(*values)``, kept: every tracked call counts itself in a handful of
+    series, and the label values are bounded (``model_label``, ``agent_label``), so the children
+    are looked up in one dict rather than validated and found again per call."""
+    key = (metric, values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*values)
+    return child
 
 
 def agent_label(agent: str | None) -> str:

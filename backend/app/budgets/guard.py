@@ -459,11 +459,21 @@ class DatabaseBudgetGuard:
         limits = self._limits_cache.get(
             context.task_id, subject, lambda: self._read_limits(context, keys, wait)
         )
-        if limits is not None:
+        if limits is not None and any(limit.limit_pico is not None for limit in limits.values()):
+            # Reused: only the limited subjects' recency is news (``_KnownLimited`` keeps the
+            # latest); what a read found unlimited it remembered when it read it.
             self._known.remember(context, limits)
         return limits
 
     def _read_limits(
+        self, context: CallContext, keys: list[CounterKey], wait: bool
+    ) -> dict[BudgetScope, Limit] | None:
+        limits = self._read_limits_now(context, keys, wait)
+        if limits is not None:
+            self._known.remember(context, limits)
+        return limits
+
+    def _read_limits_now(
         self, context: CallContext, keys: list[CounterKey], wait: bool
     ) -> dict[BudgetScope, Limit] | None:
         with self._gate.local_read() as tx:

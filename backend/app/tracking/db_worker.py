@@ -112,7 +112,8 @@ class _Write:
 def deliver(
     loop: asyncio.AbstractEventLoop, results: list[tuple[_Write, WriteOutcome | BaseException]]
 ) -> None:
-    """Resolve the waiters of ``results`` (all on ``loop``) with one wake-up of the loop."""
+    """Resolve the waiters of ``results`` (all on ``loop``) with one wake-up of the loop, or
+    at once when called on ``loop`` itself."""
 
     def resolve_here() -> None:
         for job, outcome in results:
@@ -124,6 +125,9 @@ def deliver(
             else:
                 waiter.set_result(outcome)
 
+    if asyncio._get_running_loop() is loop:  # the writer process's acks read on this loop
+        resolve_here()
+        return
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
         loop.call_soon_threadsafe(resolve_here)
 

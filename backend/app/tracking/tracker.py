@@ -42,6 +42,7 @@ from app.observability import (
     LLM_UNPRICED,
     TRACKING_ERRORS,
     agent_label,
+    labelled,
     model_label,
 )
 from app.tracking import semconv as sc
@@ -524,11 +525,11 @@ class CallTracker:
         record = outcome.record
         model = model_label(record.model)
         agent = agent_label(record.agent)
-        LLM_REQUESTS.labels(model, record.status, agent).inc()
+        labelled(LLM_REQUESTS, model, record.status, agent).inc()
         if record.status == "blocked":
             return
         exemplar = {"trace_id": record.trace_id} if record.trace_id else None
-        LLM_LATENCY.labels(model).observe(record.latency_ms / 1000.0, exemplar=exemplar)
+        labelled(LLM_LATENCY, model).observe(record.latency_ms / 1000.0, exemplar=exemplar)
         for token_type, count in (
             ("prompt", record.prompt_tokens),
             ("completion", record.completion_tokens),
@@ -536,13 +537,13 @@ class CallTracker:
             ("reasoning", record.reasoning_tokens),
         ):
             if count:
-                LLM_TOKENS.labels(model, token_type, agent).inc(count)
+                labelled(LLM_TOKENS, model, token_type, agent).inc(count)
         if record.cost_pico_usd:
-            LLM_COST.labels(model, agent).inc(float(record.cost_usd), exemplar=exemplar)
+            labelled(LLM_COST, model, agent).inc(float(record.cost_usd), exemplar=exemplar)
         if record.cost_status == "unpriced":
-            LLM_UNPRICED.labels(model).inc()
+            labelled(LLM_UNPRICED, model).inc()
         if record.attempts > 1:
-            LLM_RETRIES.labels(model).inc(record.attempts - 1)
+            labelled(LLM_RETRIES, model).inc(record.attempts - 1)
         if self.metrics is not None:
             endpoint = self.endpoint
             usage = outcome.usage

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import openai
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, func, select, text
@@ -50,13 +53,22 @@ def writer_of(runtime: Runtime) -> WriterProcess:
     return process
 
 
-async def call_many(runtime: Runtime, calls: int, concurrency: int, prefix: str) -> int:
-    """``calls`` limited calls from ``concurrency`` coroutines; how many returned."""
+async def call_many(
+    runtime: Runtime,
+    calls: int,
+    concurrency: int,
+    prefix: str,
+    sdk: openai.AsyncOpenAI | None = None,
+) -> int:
+    """``calls`` limited calls from ``concurrency`` coroutines (through ``sdk``, default the
+    runtime's); how many returned."""
     done = 0
 
     async def worker(i: int) -> None:
         nonlocal done
-        client = AsyncLLMClient(task_id=f"{prefix}-{i % 5}", user_id=USER, runtime=runtime)
+        client = AsyncLLMClient(
+            task_id=f"{prefix}-{i % 5}", user_id=USER, runtime=runtime, openai_client=sdk
+        )
         for _ in range(calls // concurrency):
             await client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
             done += 1
@@ -157,6 +169,54 @@ async def test_closing_the_runtime_lets_the_writer_process_finish(
     assert books(runtime.engine).balanced
 
 
+async def test_closing_the_runtime_on_its_event_loop_drains_the_writer_process(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the API's lifespan closes it: on the loop that was reading the acknowledgements."""
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+    assert await call_many(runtime, 40, 20, "close-on-loop") == 40
+    assert process.loop_reads > 0
+
+    runtime.close()  # blocks this loop: the receiver thread must read the last acks
+
+    assert process.state == "closed"
+    assert "did not stop in time" not in caplog.text  # it drained, it was not killed
+    assert process.handed_back == 0
+    assert rows(runtime) == 40
+    assert books(runtime.engine).balanced
+
+
+def test_acknowledgements_are_read_on_the_event_loop_and_by_the_thread_once_it_ends(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+
+    assert asyncio.run(call_many(runtime, 20, 10, "first-loop")) == 20
+    on_first_loop = process.loop_reads
+    assert on_first_loop > 0  # the calling loop read its own acknowledgements
+
+    # That loop is gone: a thread's row is still acknowledged (the receiver thread reads again).
+    written = runtime.db_worker.write(record_of("first-loop-0", 0), None)
+    assert written.result(timeout=30).persisted
+    assert process.acknowledged == 21
+
+    # The next loop reads them in its turn (with an SDK client of its own: the runtime's
+    # keeps connections of the first loop).
+    async def on_a_second_loop() -> int:
+        async with openai.AsyncOpenAI(api_key="sk-test", base_url=sim.base_url) as sdk:
+            return await call_many(runtime, 20, 10, "second-loop", sdk)
+
+    assert asyncio.run(on_a_second_loop()) == 20
+    assert process.loop_reads > on_first_loop
+    assert process.acknowledged == 41 and process.handed_back == 0
+    assert rows(runtime) == 41
+    assert books(runtime.engine).balanced, books(runtime.engine)
+
+
 async def test_a_soft_limit_crossed_in_the_writer_process_is_counted_by_the_service(
     runtime_factory: RuntimeFactory, sim: SimulatorServer
 ) -> None:
@@ -189,6 +249,25 @@ def test_in_memory_sqlite_cannot_be_shared_so_the_thread_writes() -> None:
 
 def test_the_thread_writer_is_kept_on_request(runtime_factory: RuntimeFactory) -> None:
     assert runtime_factory(tracking_writer="thread").db_worker.process is None
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        datetime(2026, 12, 1, 2, 50, 41, 782941, tzinfo=UTC),
+        datetime(2026, 12, 1, 7, 50, 41, 782941, tzinfo=timezone(timedelta(hours=5))),
+        datetime(1960, 5, 5, 1, 2, 3, 4, tzinfo=UTC),
+        datetime(2026, 12, 1, 2, 50, 41),  # naive: sent as it is
+    ],
+)
+def test_a_record_crosses_to_the_writer_process_unchanged(timestamp: datetime) -> None:
+    record = record_of("wire", 12_345)
+    record.timestamp = timestamp
+
+    back = UsageRecord.from_wire(pickle.loads(pickle.dumps(record.to_wire())))
+
+    assert back == record  # the same instant, to the microsecond
+    assert back.timestamp.utcoffset() == (timedelta(0) if timestamp.tzinfo else None)
 
 
 # -- a repeated row settles nothing twice --------------------------------------------------
