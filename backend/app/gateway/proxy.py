@@ -20,7 +20,6 @@ in-process ``AsyncLLMClient`` call.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -307,11 +306,9 @@ class Gateway:
             request = call.api.operation.budget_request(call.body)
             try:
                 with anyio.CancelScope(shield=True):
-                    reservation = await asyncio.wrap_future(
-                        worker.call(
-                            lambda: guard.reserve(
-                                context=tracker.context, model=tracker.model, request=request
-                            )
+                    reservation = await worker.call_async(
+                        lambda: guard.reserve(
+                            context=tracker.context, model=tracker.model, request=request
                         )
                     )
             except AppError as exc:
@@ -514,7 +511,7 @@ class Gateway:
             return None if tightest is None else (tightest[0], pico_to_usd(tightest[1]))
 
         try:
-            found = await asyncio.wrap_future(self.runtime.db_worker.call(read))
+            found = await self.runtime.db_worker.call_async(read)
         except Exception:
             logger.warning("Could not read the remaining budget", exc_info=True)
             return {}

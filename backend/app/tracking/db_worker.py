@@ -136,6 +136,28 @@ def deliver(
 class _Call:
     fn: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
+    # An event loop's caller (``call_async``) also waits on ``waiter``, resolved from ``future``
+    # with the other calls of its batch on the same loop: one wake-up of the loop for the lot.
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[Any] | None = None
+
+
+def _wake(loop: asyncio.AbstractEventLoop, calls: list[_Call]) -> None:
+    """Resolve the waiters of ``calls`` (all on ``loop``, all finished) with one wake-up."""
+
+    def resolve_here() -> None:
+        for job in calls:
+            waiter = job.waiter
+            if waiter is None or waiter.done():
+                continue
+            error = job.future.exception()
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(job.future.result())
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(resolve_here)
 
 
 _STOP = object()
@@ -211,6 +233,15 @@ class DbWorker:
         self._submit(job)
         return job.future
 
+    async def call_async(self, fn: Callable[[], T]) -> T:
+        """``call`` for an event loop: the calls run together wake their loop once, not once
+        per call (``asyncio.wrap_future`` would)."""
+        loop = asyncio.get_running_loop()
+        job = _Call(fn, loop=loop, waiter=loop.create_future())
+        self._submit(job)
+        assert job.waiter is not None
+        return await job.waiter  # type: ignore[no-any-return]
+
     def close(self) -> None:
         """Let the writer process finish, then every submitted job, then stop the thread."""
         if self.process is not None:
@@ -268,6 +299,12 @@ class DbWorker:
             _finish(calls[0])
         elif calls:
             self._call_batch(calls)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
+        for job in calls:
+            if job.loop is not None:
+                by_loop.setdefault(job.loop, []).append(job)
+        for loop, group in by_loop.items():
+            _wake(loop, group)
 
     def _call_batch(self, calls: list[_Call]) -> None:
         """Collect the calls that join a batch, run each batch's runner once, finish them all."""

@@ -25,7 +25,6 @@ Example (the seed's API)::
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -539,7 +538,7 @@ class AsyncLLMClient(_BaseLLMClient):
 async def _on_worker(worker: DbWorker, func: Callable[[], T]) -> T:
     """Run blocking tracking work on the tracking thread, even if the caller is cancelled."""
     with anyio.CancelScope(shield=True):
-        result = await asyncio.wrap_future(worker.call(func))
+        result = await worker.call_async(func)
     return result
 
 
