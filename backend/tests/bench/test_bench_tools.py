@@ -92,3 +92,4 @@ def test_compare_writers_runs_both_writers_and_every_row_is_written() -> None:
     # the process-written ones by the writer process
     assert result["rows_written"] == {"thread": 20, "process": 20}
     assert result["rows_by_writer_process"] == 20
+    assert isinstance(result["ack_messages_read_on_the_event_loop"], int)
