@@ -8,7 +8,8 @@ so drift on a noisy machine hits both equally; the figure that matters is the di
     cd backend && .venv/bin/python ../bench/llm_overhead.py [--calls 2000] [--concurrency 100]
 
 ``--compare-writers`` runs concurrent rounds only: raw, rows committed by the tracking thread
-(``TRACKING_WRITER=thread``) and by the writer process (``process``, the default), in turn.
+(``TRACKING_WRITER=thread``) and by the writer process (``process``, the default), in turn;
+``--pin`` adds: this process on one CPU, the simulator and the writer process on the other.
 """
 
 from __future__ import annotations
@@ -163,14 +164,17 @@ async def concurrent_writers(
 
 
 @contextlib.contextmanager
-def simulator_process() -> Iterator[str]:
-    """The simulator in its own process, like a real provider: it does not share our GIL."""
+def simulator_process(cpu: int | None = None) -> Iterator[str]:
+    """The simulator in its own process, like a real provider: it does not share our GIL
+    (nor, with ``cpu``, the caller's CPU: it runs on that one only)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.simulator", "--port", str(port), "--log-level", "warning"]
     )
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -218,11 +222,26 @@ def raw_clients(base_url: str) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
     return raw, raw_async
 
 
+def pinned_cpus() -> tuple[int, int]:
+    """``--pin``: the calling process on the first CPU it may use, the simulator and the writer
+    process on the second. The caller's CPU is then the benchmark's only contended resource: the
+    rounds measure what tracking costs the process that makes the calls, and two runs vary less
+    (the scheduler no longer moves the three processes across the two CPUs)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    return cpus[0], cpus[1]
+
+
 def compare_writers(args: argparse.Namespace) -> dict[str, Any]:
     """The two ``TRACKING_WRITER`` settings side by side in one run (ratios hold on a noisy
     machine where absolute times do not)."""
     limited = ("task_max", "user_daily", "user_monthly", "global_daily") if args.limits else ()
-    with tempfile.TemporaryDirectory() as tmp, simulator_process() as base_url:
+    cpus = pinned_cpus() if args.pin else None
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})  # before any thread starts: they inherit it
+    others = cpus[1] if cpus is not None else None
+    with tempfile.TemporaryDirectory() as tmp, simulator_process(others) as base_url:
         runtimes: dict[str, Runtime] = {}
         for writer in ("thread", "process"):
             scratch = Path(tmp) / writer
@@ -238,10 +257,13 @@ def compare_writers(args: argparse.Namespace) -> dict[str, Any]:
         process = runtimes["process"].db_worker.process
         if process is None or not process.start(wait=60):
             raise SystemExit("the writer process did not start")
+        if others is not None and process.pid is not None:
+            os.sched_setaffinity(process.pid, {others})
         _, raw_async = raw_clients(base_url)
         results: dict[str, Any] = {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "budgets": "off" if args.no_budgets else "all scopes limited" if args.limits else "on",
+            "pinned": None if cpus is None else {"caller": cpus[0], "simulator_and_writer": others},
             f"concurrent_{args.concurrency}": asyncio.run(
                 concurrent_writers(runtimes, raw_async, args.concurrency, args.rounds)
             ),
@@ -285,7 +307,14 @@ def main() -> None:
         action="store_true",
         help="concurrent rounds only: raw, thread-written and process-written rounds in turn",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --compare-writers: this process on one CPU, the simulator and writer on another",
+    )
     args = parser.parse_args()
+    if args.pin and not args.compare_writers:
+        parser.error("--pin goes with --compare-writers")
     if args.compare_writers:
         print(json.dumps(compare_writers(args), indent=2))
         return

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 BENCH = ROOT / "bench"
@@ -93,3 +96,32 @@ def test_compare_writers_runs_both_writers_and_every_row_is_written() -> None:
     assert result["rows_written"] == {"thread": 20, "process": 20}
     assert result["rows_by_writer_process"] == 20
     assert isinstance(result["ack_messages_read_on_the_event_loop"], int)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs two CPUs")
+def test_compare_writers_pinned_puts_the_caller_apart_from_the_simulator_and_writer() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "llm_overhead.py"), "--compare-writers", "--pin",
+         "--rounds", "1", "--concurrency", "10"],
+        cwd=ROOT / "backend",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    pinned = result["pinned"]
+    assert pinned["caller"] != pinned["simulator_and_writer"]
+    assert result["rows_written"] == {"thread": 20, "process": 20}
+
+
+def test_pin_goes_only_with_compare_writers() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "llm_overhead.py"), "--pin"],
+        cwd=ROOT / "backend",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--pin goes with --compare-writers" in done.stderr
