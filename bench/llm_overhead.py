@@ -276,7 +276,8 @@ def compare_writers(args: argparse.Namespace) -> dict[str, Any]:
             runtime.close()
         results["rows_written"] = rows
         results["rows_by_writer_process"] = process.acknowledged
-        results["ack_messages_read_on_the_event_loop"] = process.loop_reads
+        # (None for code before the event loop read them: ``run_tree.py`` runs older trees)
+        results["ack_messages_read_on_the_event_loop"] = getattr(process, "loop_reads", None)
     return results
 
 
