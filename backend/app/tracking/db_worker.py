@@ -114,18 +114,34 @@ def deliver(
 ) -> None:
     """Resolve the waiters of ``results`` (all on ``loop``) with one wake-up of the loop, or
     at once when called on ``loop`` itself."""
+    _resolve_on(
+        loop,
+        [
+            (job.waiter, None, outcome)
+            if isinstance(outcome, BaseException)
+            else (job.waiter, outcome, None)
+            for job, outcome in results
+        ],
+    )
+
+
+def _resolve_on(
+    loop: asyncio.AbstractEventLoop,
+    resolutions: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
+) -> None:
+    """Set each (waiter, value, error) on ``loop``: at once when called there (the writer
+    process's acks read on that loop), else with one wake-up of the loop for the lot."""
 
     def resolve_here() -> None:
-        for job, outcome in results:
-            waiter = job.waiter
+        for waiter, value, error in resolutions:
             if waiter is None or waiter.done():
                 continue  # the caller stopped waiting (cancelled)
-            if isinstance(outcome, BaseException):
-                waiter.set_exception(outcome)
+            if error is not None:
+                waiter.set_exception(error)
             else:
-                waiter.set_result(outcome)
+                waiter.set_result(value)
 
-    if asyncio._get_running_loop() is loop:  # the writer process's acks read on this loop
+    if asyncio._get_running_loop() is loop:
         resolve_here()
         return
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
@@ -140,24 +156,6 @@ class _Call:
     # with the other calls of its batch on the same loop: one wake-up of the loop for the lot.
     loop: asyncio.AbstractEventLoop | None = None
     waiter: asyncio.Future[Any] | None = None
-
-
-def _wake(loop: asyncio.AbstractEventLoop, calls: list[_Call]) -> None:
-    """Resolve the waiters of ``calls`` (all on ``loop``, all finished) with one wake-up."""
-
-    def resolve_here() -> None:
-        for job in calls:
-            waiter = job.waiter
-            if waiter is None or waiter.done():
-                continue
-            error = job.future.exception()
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(job.future.result())
-
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-        loop.call_soon_threadsafe(resolve_here)
 
 
 _STOP = object()
@@ -299,12 +297,14 @@ class DbWorker:
             _finish(calls[0])
         elif calls:
             self._call_batch(calls)
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, Any]]] = {}
         for job in calls:
             if job.loop is not None:
-                by_loop.setdefault(job.loop, []).append(job)
+                error = job.future.exception()
+                value = None if error is not None else job.future.result()
+                by_loop.setdefault(job.loop, []).append((job.waiter, value, error))
         for loop, group in by_loop.items():
-            _wake(loop, group)
+            _resolve_on(loop, group)
 
     def _call_batch(self, calls: list[_Call]) -> None:
         """Collect the calls that join a batch, run each batch's runner once, finish them all."""

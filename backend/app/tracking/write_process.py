@@ -336,29 +336,33 @@ class WriterProcess:
         if home is not None and home.is_running():
             return
         self._home = loop
-        self._register(link, loop, locked=True)
+        self._register_locked(link, loop)
 
-    def _register(self, link: _Link, loop: asyncio.AbstractEventLoop, locked: bool = False) -> None:
+    def _register(self, link: _Link, loop: asyncio.AbstractEventLoop) -> None:
         """On ``loop``: watch ``link``'s socket there and park the receiver thread."""
-        with contextlib.nullcontext() if locked else self._lock:
-            if link.lost or self._closed or self._home is not loop or link.loop is loop:
+        with self._lock:
+            self._register_locked(link, loop)
+
+    def _register_locked(self, link: _Link, loop: asyncio.AbstractEventLoop) -> None:
+        """Under ``_lock``: ``_register``."""
+        if link.lost or self._closed or self._home is not loop or link.loop is loop:
+            return
+        stale = link.registered_on
+        if stale is not None and stale is not loop:
+            if stale.is_running():
                 return
-            stale = link.registered_on
-            if stale is not None and stale is not loop:
-                if stale.is_running():
-                    return
-                with contextlib.suppress(Exception):  # a stopped loop: nothing watches there
-                    stale.remove_reader(link.sock.fileno())
-                link.registered_on = None
-            if link.registered_on is None:
-                try:
-                    loop.add_reader(link.sock.fileno(), self._read_on_loop, link, loop)
-                except (OSError, RuntimeError, ValueError) as exc:
-                    logger.warning("Could not read acknowledgements on the event loop: %s", exc)
-                    return
-                link.registered_on = loop
-            link.loop = loop
-            link.released.clear()
+            with contextlib.suppress(Exception):  # a stopped loop: nothing watches there
+                stale.remove_reader(link.sock.fileno())
+            link.registered_on = None
+        if link.registered_on is None:
+            try:
+                loop.add_reader(link.sock.fileno(), self._read_on_loop, link, loop)
+            except (OSError, RuntimeError, ValueError) as exc:
+                logger.warning("Could not read acknowledgements on the event loop: %s", exc)
+                return
+            link.registered_on = loop
+        link.loop = loop
+        link.released.clear()
 
     def _read_on_loop(self, link: _Link, loop: asyncio.AbstractEventLoop) -> None:
         """The loop's reader: acknowledge what has arrived; at the child's end, step aside."""

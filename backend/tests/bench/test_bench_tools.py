@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[3]
 BENCH = ROOT / "bench"
 
 
+def run_bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``bench/<script> args`` run from ``backend/`` as the docs say; it must succeed."""
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=ROOT / "backend",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+
+
 def test_the_hot_path_microbenchmark_reports_each_figure() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH / "hot_path.py"), "--number", "50"],
@@ -53,15 +65,7 @@ def test_run_tree_imports_app_from_the_tree_it_is_given(tmp_path: Path) -> None:
 
 
 def test_the_write_elsewhere_experiment_commits_every_row_through_the_writer_process() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "write_elsewhere.py"), "--rounds", "1", "--modes",
-         "process,none"],
-        cwd=ROOT / "backend",
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )  # fmt: skip
+    done = run_bench("write_elsewhere.py", "--rounds", "1", "--modes", "process,none")
     runs = {run["mode"]: run for run in json.loads(done.stdout)["runs"]}
     assert runs["process"]["rows_written"] == 200  # a warm-up round and one measured, 100 each
     assert runs["none"]["rows_written"] == 0
@@ -69,22 +73,8 @@ def test_the_write_elsewhere_experiment_commits_every_row_through_the_writer_pro
 
 
 def test_compare_writers_runs_both_writers_and_every_row_is_written() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "llm_overhead.py"),
-            "--compare-writers",
-            "--rounds",
-            "1",
-            "--concurrency",
-            "10",
-            "--limits",
-        ],
-        cwd=ROOT / "backend",
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+    done = run_bench(
+        "llm_overhead.py", "--compare-writers", "--rounds", "1", "--concurrency", "10", "--limits"
     )
     result = json.loads(done.stdout)
     rounds = result["concurrent_10"]
@@ -100,15 +90,9 @@ def test_compare_writers_runs_both_writers_and_every_row_is_written() -> None:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs two CPUs")
 def test_compare_writers_pinned_puts_the_caller_apart_from_the_simulator_and_writer() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "llm_overhead.py"), "--compare-writers", "--pin",
-         "--rounds", "1", "--concurrency", "10"],
-        cwd=ROOT / "backend",
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )  # fmt: skip
+    done = run_bench(
+        "llm_overhead.py", "--compare-writers", "--pin", "--rounds", "1", "--concurrency", "10"
+    )
     result = json.loads(done.stdout)
     pinned = result["pinned"]
     assert pinned["caller"] != pinned["simulator_and_writer"]
