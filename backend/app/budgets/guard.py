@@ -439,27 +439,34 @@ class DatabaseBudgetGuard:
         if self._breaker.is_open:
             return None  # ``reserve`` decides without the database
         day = self._clock().date()
-        keys = counter_keys(context.task_id, context.user_id, day, key_of(context))
         try:
-            limits = self._limits(context, keys, wait=False)
+            limits = self._limits(context, day, wait=False)
         except SQLAlchemyError:
             return None  # ``reserve`` will say whether calls may go ahead
-        if limits is None or any(limit.limit_pico is not None for limit in limits.values()):
+        if limits is None or not _unlimited(limits):
             return None
-        return Reservation("", 0, context.task_id, context.user_id, day, limits, held=False)
+        return self._unheld(context, day, limits)
 
     def _limits(
-        self, context: CallContext, keys: list[CounterKey], *, wait: bool
+        self, context: CallContext, keys: list[CounterKey] | date, *, wait: bool
     ) -> dict[BudgetScope, Limit] | None:
         """The call's limits: reused while no override changed (SQLite, ``override_signal``),
         else read on the kept local connection when free, else (``wait``) on one from the pool;
-        None when it would have to wait and ``wait`` is False."""
+        None when it would have to wait and ``wait`` is False. ``keys``: the call's counters,
+        or its UTC day to make them from if the limits must be read."""
         key_id = key_of(context)
         subject = context.user_id if key_id is None else f"{context.user_id}\x00{key_id}"
-        limits = self._limits_cache.get(
-            context.task_id, subject, lambda: self._read_limits(context, keys, wait)
-        )
-        if limits is not None and any(limit.limit_pico is not None for limit in limits.values()):
+
+        def read() -> dict[BudgetScope, Limit] | None:
+            counters = (
+                counter_keys(context.task_id, context.user_id, keys, key_id)
+                if isinstance(keys, date)
+                else keys
+            )
+            return self._read_limits(context, counters, wait)
+
+        limits = self._limits_cache.get(context.task_id, subject, read)
+        if limits is not None and not _unlimited(limits):
             # Reused: only the limited subjects' recency is news (``_KnownLimited`` keeps the
             # latest); what a read found unlimited it remembered when it read it.
             self._known.remember(context, limits)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import UTC, datetime
 
 from sqlalchemy import MetaData
@@ -21,8 +21,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The bits of a random (version 4, RFC 9562 variant) UUID that are not random.
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random (version 4) UUID as 32 hex digits: ``uuid.uuid4().hex`` made without the
+    ``UUID`` object (a third of the time; two are made for every LLM call)."""
+    return f"{int.from_bytes(os.urandom(16)) & _V4_CLEAR | _V4_SET:032x}"
 
 
 class Base(DeclarativeBase):

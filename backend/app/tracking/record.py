@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from app.core.money import pico_to_usd
+from app.core.money import PICO_PER_USD, pico_to_usd
 from app.models import new_id
 
 
@@ -56,6 +56,12 @@ class UsageRecord:
     @property
     def cost_usd(self) -> Decimal:
         return pico_to_usd(self.cost_pico_usd)
+
+    @property
+    def cost_usd_float(self) -> float:
+        """The cost as the float nearest to it (``float(cost_usd)``, without the Decimal):
+        what metrics and span attributes carry."""
+        return self.cost_pico_usd / PICO_PER_USD
 
     def row(self) -> dict[str, Any]:
         """Column values for ``llm_usage``."""

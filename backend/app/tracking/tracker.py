@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.core.money import usd_to_pico
 from app.core.prepared import Tx
 from app.core.redaction import safe_error_message
+from app.models import new_id
 from app.observability import (
     LLM_COST,
     LLM_LATENCY,
@@ -58,7 +58,7 @@ from app.tracking.operations import (
     estimate_tokens,
     read_usage,
 )
-from app.tracking.pricing import PriceBook, PriceQuote, TokenUsage
+from app.tracking.pricing import PriceBook, PricedTerms, TokenUsage
 from app.tracking.providers import DEFAULT_PROVIDER, Endpoint
 from app.tracking.record import UsageRecord
 from app.tracking.writer import UsageWriter
@@ -79,6 +79,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_FRAGMENT_CHARS = 12  # shorter prompt lines are not masked on their own in error messages
+# The priced terms (cost, status, source, entry, tier) of a call that billed nothing, and of
+# one whose counts cannot be priced (absurd counts: never billed, never guessed).
+NOTHING_BILLED: PricedTerms = (0, "priced", None, None, None)
+UNPRICED: PricedTerms = (0, "unpriced", None, None, None)
 
 
 class SpoolableReservation(Protocol):
@@ -131,7 +135,7 @@ class CallTracker:
     provider_setting: str | None = None  # the explicit provider, if any (else resolved)
     endpoint_url: str | None = None
     metrics: GenAIMetrics | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_id)
     attempts: list[int] = field(default_factory=lambda: [0])
     span: Span | None = None
     started: float = 0.0
@@ -224,17 +228,36 @@ class CallTracker:
             logger.exception("Could not build the usage record of %s", self.request_id)
             return None
 
-    def _quote(
+    def _price(
         self, tokens: TokenUsage, *, estimated: bool = False, service_tier: str | None = None
-    ) -> PriceQuote:
-        return self.price_book.quote(
+    ) -> PricedTerms:
+        """The cost of ``tokens`` in pico-dollars with its status and provenance (source ref,
+        entry, tier): from the price book's integer terms of this model (cached per model,
+        provider, endpoint and tier), or from ``quote`` where only genai-prices' own
+        calculation is exact. The two agree on every count (``tests/prices``)."""
+        book, tier = self.price_book, self._service_tier(service_tier)
+        p, c = tokens.prompt_tokens, tokens.completion_tokens
+        terms = book.terms(
+            self.model,
+            provider=self.provider_setting,
+            endpoint=self.endpoint_url,
+            service_tier=tier,
+        )
+        if terms is not None:
+            priced = terms.price(p, c, tokens.cached_tokens, tokens.reasoning_tokens, estimated)
+            if priced is not None:
+                return priced
+        quote = book.quote(
             self.model,
             tokens,
             estimated=estimated,
             provider=self.provider_setting,
             endpoint=self.endpoint_url,
-            service_tier=self._service_tier(service_tier),
+            service_tier=tier,
         )
+        if quote.status == "unpriced":
+            return UNPRICED
+        return (usd_to_pico(quote.cost_usd), quote.status, quote.ref, quote.entry, quote.tier)
 
     def _service_tier(self, reported: str | None) -> str | None:
         """The tier the call ran in: the provider's answer, else the one asked for."""
@@ -268,15 +291,16 @@ class CallTracker:
             )
             estimated = True
         flags.extend(extra_flags)
-        quote = self._quote(tokens, estimated=estimated, service_tier=fields.service_tier)
-        cost_status = "unpriced" if "absurd_tokens" in flags else quote.status
+        priced = (
+            UNPRICED
+            if "absurd_tokens" in flags
+            else self._price(tokens, estimated=estimated, service_tier=fields.service_tier)
+        )
         self.response_model = fields.model
         record = self._record(
             status="success",
             tokens=tokens,
-            cost_pico=usd_to_pico(quote.cost_usd) if cost_status != "unpriced" else 0,
-            cost_status=cost_status,
-            quote=quote if cost_status != "unpriced" else None,
+            priced=priced,
             service_tier=self._service_tier(fields.service_tier),
             response_model=fields.model,
             finish_reason=",".join(fields.finish_reasons) or None,
@@ -313,19 +337,16 @@ class CallTracker:
     ) -> Outcome:
         reading = read_usage(partial_usage, reports_output=self.operation.reports_output)
         tokens, flags = reading.tokens, reading.flags
-        cost_pico, cost_status = 0, "priced"
-        quote = None
+        priced = NOTHING_BILLED
         if partial_usage is not None:
-            quote = self._quote(tokens)
-            cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
+            priced = self._price(tokens)
         elif output_text:
             # A stream that broke after content arrived: the tokens were produced and billed.
             tokens = TokenUsage(
                 prompt_tokens=self.operation.estimate_prompt_tokens(self.request),
                 completion_tokens=estimate_tokens(output_text),
             )
-            quote = self._quote(tokens, estimated=True)
-            cost_pico, cost_status = usd_to_pico(quote.cost_usd), quote.status
+            priced = self._price(tokens, estimated=True)
         else:
             flags = []
         kind = error_type or type(exc).__name__
@@ -337,9 +358,7 @@ class CallTracker:
         record = self._record(
             status="error",
             tokens=tokens,
-            cost_pico=cost_pico,
-            cost_status=cost_status,
-            quote=quote,
+            priced=priced,
             service_tier=self._service_tier(None),
             response_model=response_model,
             partial=bool(output_text) or partial_usage is not None,
@@ -354,8 +373,7 @@ class CallTracker:
         record = self._record(
             status="blocked",
             tokens=TokenUsage(),
-            cost_pico=0,
-            cost_status="priced",
+            priced=NOTHING_BILLED,
             error_type=type(exc).__name__,
             error_message=safe_error_message(exc, self._error_secrets()),
         )
@@ -476,9 +494,7 @@ class CallTracker:
         *,
         status: str,
         tokens: TokenUsage,
-        cost_pico: int,
-        cost_status: str,
-        quote: PriceQuote | None = None,
+        priced: PricedTerms,
         service_tier: str | None = None,
         response_model: str | None = None,
         finish_reason: str | None = None,
@@ -488,7 +504,7 @@ class CallTracker:
         error_message: str | None = None,
     ) -> UsageRecord:
         trace_id, span_id = self.trace_ids
-        priced = quote if quote is not None and quote.status != "unpriced" else None
+        cost_pico, cost_status, price_source, price_entry, price_tier = priced
         return UsageRecord(
             request_id=self.request_id,
             model=self.model,
@@ -505,9 +521,9 @@ class CallTracker:
             reasoning_tokens=tokens.reasoning_tokens,
             cost_pico_usd=cost_pico,
             cost_status=cost_status,
-            price_source=priced.ref if priced is not None else None,
-            price_entry=priced.entry if priced is not None else None,
-            price_tier=priced.tier if priced is not None else None,
+            price_source=price_source,
+            price_entry=price_entry,
+            price_tier=price_tier,
             service_tier=service_tier,
             latency_ms=(time.perf_counter() - self.started) * 1000.0,
             is_stream=self.is_stream,
@@ -539,7 +555,7 @@ class CallTracker:
             if count:
                 labelled(LLM_TOKENS, model, token_type, agent).inc(count)
         if record.cost_pico_usd:
-            labelled(LLM_COST, model, agent).inc(float(record.cost_usd), exemplar=exemplar)
+            labelled(LLM_COST, model, agent).inc(record.cost_usd_float, exemplar=exemplar)
         if record.cost_status == "unpriced":
             labelled(LLM_UNPRICED, model).inc()
         if record.attempts > 1:
@@ -572,7 +588,7 @@ class CallTracker:
         if span is None:
             return
         record = outcome.record
-        cost = float(record.cost_usd)
+        cost = record.cost_usd_float
         usage = {} if outcome.usage is None else _usage_attributes(outcome.usage, self.operation)
         span.set_attributes(
             {
