@@ -10,6 +10,9 @@ so drift on a noisy machine hits both equally; the figure that matters is the di
 ``--compare-writers`` runs concurrent rounds only: raw, rows committed by the tracking thread
 (``TRACKING_WRITER=thread``) and by the writer process (``process``, the default), in turn;
 ``--pin`` adds: this process on one CPU, the simulator and the writer process on the other.
+
+Once its runtimes are up, this process freezes its start-up heap as the service does when it is
+ready (``app.core.heap``); ``--no-freeze`` leaves it to every full collection, as before.
 """
 
 from __future__ import annotations
@@ -222,6 +225,18 @@ def raw_clients(base_url: str) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
     return raw, raw_async
 
 
+def freeze_heap(args: argparse.Namespace) -> bool:
+    """Freeze the start-up heap as the service does once ready, unless ``--no-freeze``; False
+    also for a tree from before ``app.core.heap`` (``run_tree.py`` runs older trees)."""
+    if args.no_freeze:
+        return False
+    try:
+        from app.core.heap import freeze_startup_heap
+    except ImportError:
+        return False
+    return freeze_startup_heap()
+
+
 def pinned_cpus() -> tuple[int, int]:
     """``--pin``: the calling process on the first CPU it may use, the simulator and the writer
     process on the second. The caller's CPU is then the benchmark's only contended resource: the
@@ -260,10 +275,12 @@ def compare_writers(args: argparse.Namespace) -> dict[str, Any]:
         if others is not None and process.pid is not None:
             os.sched_setaffinity(process.pid, {others})
         _, raw_async = raw_clients(base_url)
+        frozen = freeze_heap(args)
         results: dict[str, Any] = {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "budgets": "off" if args.no_budgets else "all scopes limited" if args.limits else "on",
             "pinned": None if cpus is None else {"caller": cpus[0], "simulator_and_writer": others},
+            "startup_heap_frozen": frozen,
             f"concurrent_{args.concurrency}": asyncio.run(
                 concurrent_writers(runtimes, raw_async, args.concurrency, args.rounds)
             ),
@@ -313,6 +330,11 @@ def main() -> None:
         action="store_true",
         help="with --compare-writers: this process on one CPU, the simulator and writer on another",
     )
+    parser.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the start-up heap to every full collection (the service freezes it)",
+    )
     args = parser.parse_args()
     if args.pin and not args.compare_writers:
         parser.error("--pin goes with --compare-writers")
@@ -334,6 +356,7 @@ def main() -> None:
         raw, raw_async = raw_clients(base_url)
         if runtime.db_worker.process is not None:
             runtime.db_worker.process.start(wait=30)
+        frozen = freeze_heap(args)
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -343,6 +366,7 @@ def main() -> None:
             "database": url.split("://")[0],
             "budgets": "off" if args.no_budgets else "all scopes limited" if args.limits else "on",
             "writer": args.writer,
+            "startup_heap_frozen": frozen,
             "sequential": None if args.concurrent_only else sequential(runtime, raw, args.calls),
             f"concurrent_{args.concurrency}": asyncio.run(
                 concurrent(runtime, raw_async, args.concurrency, args.rounds)

@@ -23,6 +23,7 @@ from app.api.v1.usage import router as usage_router
 from app.api.v1.usage_forecast import router as usage_forecast_router
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
+from app.core.heap import freeze_startup_heap
 from app.core.migrations import upgrade_to_head
 from app.core.redaction import install_log_redaction
 from app.core.runtime import Runtime, set_runtime
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.start_jobs()
         if runtime.db_worker.process is not None:
             runtime.db_worker.process.start()  # ready before the first async calls need it
+        freeze_startup_heap()  # full collections then skip it (app/core/heap.py)
         logger.info(
             "ASA ready: database %s, LLM endpoint %s",
             runtime.engine.url.render_as_string(hide_password=True),

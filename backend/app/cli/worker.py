@@ -26,6 +26,7 @@ import threading
 from types import FrameType
 
 from app.core.config import Settings
+from app.core.heap import freeze_startup_heap
 from app.core.redaction import install_log_redaction
 from app.core.runtime import Runtime, set_runtime
 from app.observability import MetricsServer, check_metrics_mode, setup_telemetry
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         runtime.start_jobs()
         if args.metrics_port:
             metrics = _serve_metrics(args, settings)
+        freeze_startup_heap()  # full collections then skip it (app/core/heap.py)
         logger.info(
             "ASA worker ready: %d task slot(s), database %s%s",
             settings.max_concurrent_tasks,
