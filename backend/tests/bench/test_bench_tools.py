@@ -99,6 +99,25 @@ def test_compare_writers_pinned_puts_the_caller_apart_from_the_simulator_and_wri
     assert result["rows_written"] == {"thread": 20, "process": 20}
 
 
+def test_the_overhead_bench_freezes_the_heap_as_the_service_does_unless_told_not_to() -> None:
+    args = ("--concurrent-only", "--rounds", "1", "--concurrency", "5")
+    frozen = json.loads(run_bench("llm_overhead.py", *args).stdout)
+    unfrozen = json.loads(run_bench("llm_overhead.py", *args, "--no-freeze").stdout)
+    assert frozen["startup_heap_frozen"] is True
+    assert unfrozen["startup_heap_frozen"] is False
+    assert frozen["rows_written"] == unfrozen["rows_written"] == 10
+
+
+def test_the_gc_stall_bench_times_a_started_service_frozen_and_not() -> None:
+    done = run_bench("gc_stall.py", "--runs", "1", "--collections", "2")
+    runs = {run["variant"]: run for run in json.loads(done.stdout)["runs"]}
+    assert runs["unfrozen"]["objects_frozen"] == 0
+    assert runs["frozen"]["objects_frozen"] > 50_000
+    # what a full collection still visits once the start-up heap is frozen: a small part of it
+    assert runs["frozen"]["objects_collections_visit"] * 4 < runs["frozen"]["objects_frozen"]
+    assert all(run["full_collection_ms_median"] > 0 for run in runs.values())
+
+
 def test_pin_goes_only_with_compare_writers() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH / "llm_overhead.py"), "--pin"],
