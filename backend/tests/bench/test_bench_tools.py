@@ -45,6 +45,13 @@ def test_the_hot_path_microbenchmark_reports_each_figure() -> None:
     assert all(value > 0 for value in figures.values())
 
 
+def test_the_call_pieces_microbenchmark_times_each_piece_on_the_event_loop() -> None:
+    figures = json.loads(run_bench("call_pieces.py", "--number", "50").stdout)["per_call"]
+    pieces = ("prepare", "reserve_nowait", "response_fields", "success_outcome", "metrics")
+    assert set(figures) == {f"{piece}_us" for piece in pieces} | {"sum_us"}
+    assert all(figures[f"{piece}_us"] > 0 for piece in pieces)
+
+
 def test_run_tree_imports_app_from_the_tree_it_is_given(tmp_path: Path) -> None:
     """A copy of ``app`` elsewhere is what the script runs against, not the installed tree."""
     other = tmp_path / "before"
