@@ -37,6 +37,13 @@ ROLLUP_SUMS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+def fix_attempt_step(attempt: int) -> str:
+    """The step event the orchestrator records as fix attempt ``attempt`` starts. The task-costs
+    report finds a task's retries from its second one's (``app.usage.task_metrics``), in events
+    stored long ago too: the wording is part of the data."""
+    return f"attempt {attempt}: asking FixAgent for a fix"
+
+
 def duration_bucket(seconds: Decimal | float) -> int:
     """Index of the duration bucket holding ``seconds`` (upper bounds inclusive)."""
     return bisect.bisect_left(DURATION_BUCKETS_SECONDS, seconds)

@@ -62,6 +62,7 @@ from app.sandbox.workspace import (
     clone_repository,
 )
 from app.tasks import store as task_store
+from app.tasks.metrics_writer import fix_attempt_step
 from app.usage.outcomes import OUTCOME_STATUSES, record_task_outcome
 
 logger = logging.getLogger(__name__)
@@ -338,9 +339,7 @@ class Orchestrator:
             previous_diff: str | None = None
             for attempt in range(1, task.max_attempts + 1):
                 state.attempts = attempt
-                self._step(
-                    "fixing", f"attempt {attempt}: asking FixAgent for a fix", attempts=attempt
-                )
+                self._step("fixing", fix_attempt_step(attempt), attempts=attempt)
                 self._ensure_budget(task)
                 try:
                     reply = fixer.propose_fix(

@@ -94,6 +94,7 @@ from app.tasks.metrics_writer import (
     STATUS_PREFIX,
     SUCCEEDED,
     TASK_STATUSES,
+    fix_attempt_step,
 )
 from app.usage.report import histogram_quantile
 
@@ -271,7 +272,7 @@ def _from_rows(conn: Connection, window: UsageWindow) -> _Figures:
 
 RETRIES = "retries"
 # The step event the orchestrator records when a task's second fix attempt starts.
-SECOND_ATTEMPT_STARTED = "attempt 2: asking FixAgent for a fix"
+SECOND_ATTEMPT_STARTED = fix_attempt_step(2)
 
 
 def _exact_pico(conn: Connection, value: Any) -> Any:

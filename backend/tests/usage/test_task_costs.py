@@ -19,6 +19,7 @@ from app.api.v1.usage import utc_now
 from app.core.money import usd_to_pico
 from app.models import TaskEvent
 from app.tasks import store as task_store
+from app.tasks.metrics_writer import fix_attempt_step
 from app.tracking.record import UsageRecord
 from app.tracking.writer import insert_usage
 from app.usage.task_metrics import SECOND_ATTEMPT_STARTED
@@ -62,7 +63,7 @@ def _seed(engine: Engine) -> None:
             )
     with Session(engine) as session, session.begin():
         for task, attempt, at in (("win", 1, T0), ("win", 2, T1), ("lose", 1, T0)):
-            message = f"attempt {attempt}: asking FixAgent for a fix"
+            message = fix_attempt_step(attempt)
             session.add(TaskEvent(task_id=task, kind="step", message=message, timestamp=at))
         for task, succeeded in OUTCOMES.items():
             cost = sum(Decimal(usd) for t, _, _, usd in CALLS if t == task)
@@ -87,7 +88,9 @@ async def costs_client(costs_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def test_the_second_attempt_marker_is_what_the_orchestrator_records() -> None:
-    assert SECOND_ATTEMPT_STARTED == "attempt 2: asking FixAgent for a fix"
+    # The orchestrator and the report share ``fix_attempt_step``; the wording itself is pinned
+    # because events stored before a change would keep the old one.
+    assert SECOND_ATTEMPT_STARTED == fix_attempt_step(2) == "attempt 2: asking FixAgent for a fix"
 
 
 async def test_cost_per_succeeded_task_and_per_phase_are_exact(
