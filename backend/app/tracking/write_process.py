@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Engine, make_url
 
@@ -67,6 +67,10 @@ if TYPE_CHECKING:
     from app.tracking.db_worker import _Write
 
 logger = logging.getLogger(__name__)
+
+# The writer process's state: not started yet, starting, writing, stopped (waiting to start
+# again), closed with the service.
+ProcessState = Literal["idle", "starting", "up", "down", "closed"]
 
 READY = "ready"
 MAX_MESSAGE = 1 << 20  # a row bigger than this pickled is written by the thread
@@ -182,7 +186,7 @@ class WriterProcess:
         self.loop_reads = 0
 
     @property
-    def state(self) -> str:
+    def state(self) -> ProcessState:
         """``up``, ``starting``, ``down`` (waiting to start again), ``idle`` or ``closed``."""
         with self._lock:
             link = self._link

@@ -15,13 +15,14 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args
 
 import openai
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, func, select, text
 
+from app.api.v1.health import _WRITER_STATES, WriterState
 from app.budgets.guard import Reservation, settle_data
 from app.core.runtime import Runtime
 from app.models import BudgetScope, LLMUsage
@@ -29,7 +30,7 @@ from app.simulator.server import SimulatorServer
 from app.tracking.llm_client import AsyncLLMClient
 from app.tracking.record import UsageRecord
 from app.tracking.spool import Spooled
-from app.tracking.write_process import WriterProcess, shareable
+from app.tracking.write_process import ProcessState, WriterProcess, shareable
 from tests.budgets.test_budgets import MAX_TOKENS, MESSAGES, MODEL, PRICES, script_exact_usage
 from tests.budgets.test_outage import books
 from tests.conftest import RuntimeFactory
@@ -394,3 +395,8 @@ def test_a_reservation_postgresql_ends_to_break_a_deadlock_is_taken_again(
     thread.join(30)
 
     assert len(result) == 1 and isinstance(result[0], Reservation) and result[0].held
+
+
+def test_health_names_every_state_of_the_writer_process() -> None:
+    assert set(_WRITER_STATES) == set(get_args(ProcessState))
+    assert set(_WRITER_STATES.values()) | {"thread"} == set(get_args(WriterState))

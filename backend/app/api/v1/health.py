@@ -14,6 +14,7 @@ from app.core.redaction import redact
 from app.core.runtime import Runtime
 from app.observability import render_metrics
 from app.tracking.breaker import BreakerState, database_breaker
+from app.tracking.write_process import ProcessState
 
 router = APIRouter()
 WriterState = Literal["process", "starting", "down", "thread"]
@@ -58,7 +59,7 @@ def health(runtime: RuntimeDep, auth_mode: AccessModeDep) -> HealthResponse:
     )
 
 
-_WRITER_STATES: dict[str, WriterState] = {
+_WRITER_STATES: dict[ProcessState, WriterState] = {
     "up": "process",
     "starting": "starting",
     "idle": "starting",  # started at startup, or by the first write
