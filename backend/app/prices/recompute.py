@@ -52,7 +52,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.budgets.store import CounterKey, apply_counter_deltas
-from app.core.money import pico_to_usd, usd_to_pico
+from app.core.money import pico_to_usd
 from app.core.prepared import Statement, Tx, dialect_insert
 from app.models import (
     BudgetCounter,
@@ -375,17 +375,14 @@ class _Pricer:
         return terms
 
     def _quote(self, row: Any, estimated: bool) -> tuple[Any, ...]:
-        quote = self._book.quote(
+        return self._book.quote(
             row[2],
             TokenUsage(row[8], row[9], row[10], row[11]),
             estimated=estimated,
             provider=row[3],
             at=row[1],
             service_tier=row[18],
-        )
-        if quote.status == "unpriced":
-            return (0, "unpriced", None, None, None)
-        return (usd_to_pico(quote.cost_usd), quote.status, quote.ref, quote.entry, quote.tier)
+        ).terms()
 
     def reprice(self, rows: Sequence[Any], totals: Totals) -> list[_Change]:
         """Count the rows in ``totals``; the changes of those whose price changes.

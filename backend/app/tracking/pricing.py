@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 from genai_prices import Usage
 from genai_prices import types as gp
 
+from app.core.money import usd_to_pico
 from app.tracking.price_table import (
     PriceSource,
     PriceTable,
@@ -115,6 +116,13 @@ class PriceQuote:
     entry: str | None = None
     tier: str | None = None
 
+    def terms(self) -> PricedTerms:
+        """The quote as a row records it: cost in pico-dollars (``usd_to_pico``), status,
+        ref, entry, tier; an unpriced quote costs 0 and has no provenance."""
+        if self.status == "unpriced":
+            return UNPRICED_COST
+        return (usd_to_pico(self.cost_usd), self.status, self.ref, self.entry, self.tier)
+
 
 # A rate in USD per million tokens is this many pico-dollars per token.
 _PICO_PER_MTOK_USD = 10**6
@@ -185,6 +193,7 @@ class IntegerRates:
 
 
 PricedTerms = tuple[int, CostStatus, str | None, str | None, str | None]
+UNPRICED_COST: PricedTerms = (0, "unpriced", None, None, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +243,7 @@ class QuoteTerms:
     ) -> PricedTerms | None:
         """Cost (pico-dollars), status, ref, entry, tier; None: ask ``quote`` instead."""
         if not self.priced:
-            return (0, "unpriced", None, None, None)
+            return UNPRICED_COST
         rates = self.base
         for start, tier_rates in reversed(self.tiers):
             if prompt > start:

@@ -29,7 +29,6 @@ from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.core.money import usd_to_pico
 from app.core.prepared import Tx
 from app.core.redaction import safe_error_message
 from app.models import new_id
@@ -58,7 +57,7 @@ from app.tracking.operations import (
     estimate_tokens,
     read_usage,
 )
-from app.tracking.pricing import PriceBook, PricedTerms, TokenUsage
+from app.tracking.pricing import UNPRICED_COST, PriceBook, PricedTerms, TokenUsage
 from app.tracking.providers import DEFAULT_PROVIDER, Endpoint
 from app.tracking.record import UsageRecord
 from app.tracking.writer import UsageWriter
@@ -79,10 +78,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_FRAGMENT_CHARS = 12  # shorter prompt lines are not masked on their own in error messages
-# The priced terms (cost, status, source, entry, tier) of a call that billed nothing, and of
-# one whose counts cannot be priced (absurd counts: never billed, never guessed).
+# The priced terms (cost, status, source, entry, tier) of a call that billed nothing.
 NOTHING_BILLED: PricedTerms = (0, "priced", None, None, None)
-UNPRICED: PricedTerms = (0, "unpriced", None, None, None)
 
 
 class SpoolableReservation(Protocol):
@@ -247,17 +244,14 @@ class CallTracker:
             priced = terms.price(p, c, tokens.cached_tokens, tokens.reasoning_tokens, estimated)
             if priced is not None:
                 return priced
-        quote = book.quote(
+        return book.quote(
             self.model,
             tokens,
             estimated=estimated,
             provider=self.provider_setting,
             endpoint=self.endpoint_url,
             service_tier=tier,
-        )
-        if quote.status == "unpriced":
-            return UNPRICED
-        return (usd_to_pico(quote.cost_usd), quote.status, quote.ref, quote.entry, quote.tier)
+        ).terms()
 
     def _service_tier(self, reported: str | None) -> str | None:
         """The tier the call ran in: the provider's answer, else the one asked for."""
@@ -292,7 +286,7 @@ class CallTracker:
             estimated = True
         flags.extend(extra_flags)
         priced = (
-            UNPRICED
+            UNPRICED_COST  # absurd counts: never billed, never guessed
             if "absurd_tokens" in flags
             else self._price(tokens, estimated=estimated, service_tier=fields.service_tier)
         )
