@@ -84,10 +84,9 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -102,7 +101,7 @@ from app.core.config import Settings
 from app.core.errors import BudgetExceededError, BudgetUnavailableError
 from app.core.money import pico_to_usd, usd_to_pico
 from app.core.prepared import Tx, write_gate
-from app.models import BudgetScope
+from app.models import BudgetScope, new_id
 from app.notifications import outbox as notification_outbox  # issue 16: events in the outbox
 from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
 from app.tracking.breaker import database_breaker, lost_a_race
@@ -198,6 +197,12 @@ class Limit:
     limit_pico: int | None
     soft_threshold: Decimal
     source: LimitSource
+    # What a reservation's settlement carries of it (``Reservation.to_json``), made once: a
+    # limit read from the database serves every call of its subject until an override changes.
+    wire: tuple[int | None, str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wire", (self.limit_pico, str(self.soft_threshold), self.source))
 
 
 def default_limit_pico(settings: Settings, scope: BudgetScope) -> int | None:
@@ -327,14 +332,9 @@ class Reservation:
 
     def to_json(self) -> dict[str, Any]:
         """What the spool keeps of it (``from_json`` reads it back)."""
-        data: dict[str, Any] = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "limits"
-        }
+        data: dict[str, Any] = {name: getattr(self, name) for name in _RESERVATION_FIELDS}
         data["window_day"] = self.window_day.isoformat()
-        data["limits"] = {
-            scope.value: [limit.limit_pico, str(limit.soft_threshold), limit.source]
-            for scope, limit in self.limits.items()
-        }
+        data["limits"] = {scope.value: limit.wire for scope, limit in self.limits.items()}
         return data
 
     @classmethod
@@ -346,6 +346,11 @@ class Reservation:
             for scope, (pico, threshold, source) in values["limits"].items()
         }
         return cls(**values)
+
+
+_RESERVATION_FIELDS = tuple(
+    f.name for f in dataclasses.fields(Reservation) if f.name not in ("window_day", "limits")
+)
 
 
 class DatabaseBudgetGuard:
@@ -564,7 +569,7 @@ class DatabaseBudgetGuard:
                     return self._unheld(context, day, limits)  # nothing was written
             amount = worst_case()  # only now: a call nothing limits never needs it
             row = store.ReservationRow(
-                uuid.uuid4().hex, amount, context.task_id, context.user_id, day, key_of(context)
+                new_id(), amount, context.task_id, context.user_id, day, key_of(context)
             )
             # The reservation row before the counters: on SQLite the transaction starts with a
             # write (it takes the write lock at once, never upgrading a read snapshot), and the
@@ -693,10 +698,11 @@ class DatabaseBudgetGuard:
                 if plan.taken:
                     give_back = dict.fromkeys(plan.taken, (0, -plan.amount))
                     store.apply_counter_deltas(tx, give_back, plan.call.now)
+        rows = []
         for plan in plans:
             if plan.outcome is None:
                 context, now = plan.call.context, plan.call.now
-                plan.row_id = uuid.uuid4().hex
+                plan.row_id = new_id()
                 row = store.ReservationRow(
                     plan.row_id,
                     plan.amount,
@@ -705,7 +711,8 @@ class DatabaseBudgetGuard:
                     now.date(),
                     key_of(context),
                 )
-                store.insert_reservation(tx, row, created_at=now, expires_at=now + self._ttl)
+                rows.append((row, now, now + self._ttl))
+        store.insert_reservations(tx, rows)
 
     @staticmethod
     def _take_together(tx: Tx, key: CounterKey, plans: list[_Plan]) -> bool:

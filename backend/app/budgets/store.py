@@ -384,22 +384,33 @@ class ReservationRow:
     key_id: str | None = None  # the gateway key whose ``key`` counter it also holds
 
 
+def _reservation_values(
+    row: ReservationRow, created_at: datetime, expires_at: datetime
+) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "amount_pico_usd": row.amount_pico,
+        "task_id": row.task_id,
+        "user_id": row.user_id,
+        "window_day": row.window_day,
+        "created_at": created_at,
+        "expires_at": expires_at,
+        "key_id": row.key_id,
+    }
+
+
 def insert_reservation(
     tx: Tx, row: ReservationRow, *, created_at: datetime, expires_at: datetime
 ) -> None:
-    tx.execute(
-        _INSERT_RESERVATION,
-        {
-            "id": row.id,
-            "amount_pico_usd": row.amount_pico,
-            "task_id": row.task_id,
-            "user_id": row.user_id,
-            "window_day": row.window_day,
-            "created_at": created_at,
-            "expires_at": expires_at,
-            "key_id": row.key_id,
-        },
-    )
+    tx.execute(_INSERT_RESERVATION, _reservation_values(row, created_at, expires_at))
+
+
+def insert_reservations(tx: Tx, rows: Sequence[tuple[ReservationRow, datetime, datetime]]) -> None:
+    """``insert_reservation`` of each ``(row, created_at, expires_at)``, in one executemany."""
+    if len(rows) == 1:
+        insert_reservation(tx, rows[0][0], created_at=rows[0][1], expires_at=rows[0][2])
+    elif rows:
+        tx.execute_many(_INSERT_RESERVATION, [_reservation_values(*row) for row in rows])
 
 
 def delete_reservation(tx: Tx, reservation_id: str) -> bool:

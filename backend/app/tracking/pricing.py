@@ -486,16 +486,25 @@ class PriceBook:
         if rates is None:
             return None
         terms_key = (id(rates), id(price), ref, entry, variant, timeless)
-        try:
-            return self._terms[terms_key]
-        except KeyError:
-            pass
-        made = QuoteTerms.of(
-            rates, ref, entry, variant or None, _tier_starts(price), timeless, kept=(rates, price)
-        )
-        with self._lock:
-            if len(self._terms) < _CACHE_LIMIT:
-                self._terms[terms_key] = made  # holds ``rates`` and ``price``: their ids stay
+        made = self._terms.get(terms_key)
+        if made is None:
+            made = QuoteTerms.of(
+                rates,
+                ref,
+                entry,
+                variant or None,
+                _tier_starts(price),
+                timeless,
+                kept=(rates, price),
+            )
+            with self._lock:
+                if len(self._terms) < _CACHE_LIMIT:
+                    self._terms[terms_key] = made  # holds ``rates`` and ``price``: their ids stay
+        if timeless:
+            # The same terms at every time: the call's next lookup ends at its first step.
+            with self._lock:
+                if key in self._terms_of_call:
+                    self._terms_of_call[key] = made
         return made
 
     def _fixed_terms(

@@ -31,6 +31,7 @@ from app.budgets import store as budgets_store
 from app.budgets.guard import (
     PROMPT_OVERHEAD_TOKENS,
     DatabaseBudgetGuard,
+    Limit,
     Reservation,
     counter_keys,
     worst_case_tokens,
@@ -724,3 +725,31 @@ def test_an_override_written_by_hand_applies_within_the_reuse_limit(
     with pytest.raises(BudgetExceededError):
         client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
     assert sim.state.stats()["requests"] == 1
+
+
+def test_a_reservation_survives_the_spool_and_the_writer_process_unchanged() -> None:
+    """``to_json`` (made from each limit's cached ``wire`` form) reads back to an equal
+    reservation through JSON (the spool) and pickle (the writer process's socket)."""
+    import json
+    import pickle
+
+    limits = {
+        BudgetScope.TASK: Limit(usd_to_pico(Decimal("1.25")), Decimal("0.85"), "override"),
+        BudgetScope.USER_DAILY: Limit(None, Decimal("0.8"), "none"),
+        BudgetScope.GLOBAL_DAILY: Limit(usd_to_pico(Decimal("100")), Decimal("0.80"), "default"),
+    }
+    held = Reservation("r1", 12_345, "t", "u", date(2026, 12, 1), limits, key_id="k")
+    for copy in (
+        json.loads(json.dumps(held.to_json())),
+        pickle.loads(pickle.dumps(held.to_json())),
+    ):
+        again = Reservation.from_json(copy)
+        assert again == held
+        assert {
+            s: (lim.limit_pico, lim.soft_threshold, lim.source) for s, lim in again.limits.items()
+        } == {s: (lim.limit_pico, lim.soft_threshold, lim.source) for s, lim in limits.items()}
+    assert pickle.loads(pickle.dumps(limits[BudgetScope.TASK])).wire == (
+        usd_to_pico(Decimal("1.25")),
+        "0.85",
+        "override",
+    )
