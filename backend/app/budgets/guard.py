@@ -50,7 +50,11 @@ transaction (``_reserve_batch``): every counter row the batch needs is updated i
 each reservation by the same conditional UPDATE as alone, and one refused on a later counter
 gives back what it took on the earlier ones (rows the transaction already holds). A batch makes
 no counter it finds missing and sweeps nothing inside its transaction: those calls go the way of
-a call alone, after the batch commits.
+a call alone, after the batch commits. Where the service runs a writer process (the default
+for a file or server database), an event loop's calls reserve there the same way, in batches of
+the calls that arrived together, outside the service's GIL (``request``, ``reserve_requests``,
+``adopt``; ``app.tracking.write_process``); a refusal or an outage is then decided again, and
+recorded, on the tracking thread.
 
 The database breaker (``app.tracking.breaker``): when the database is unavailable, or was a
 moment ago (the breaker is open), ``reserve`` does not wait for it. A call is then refused at
@@ -353,6 +357,34 @@ _RESERVATION_FIELDS = tuple(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """A call's reservation asked of the writer process (``DatabaseBudgetGuard.request``)."""
+
+    row_id: str
+    task_id: str | None
+    user_id: str | None
+    key_id: str | None  # the gateway key (its ``key`` counter is held too)
+    amount_pico: int  # the call's worst case
+    now: datetime
+
+
+REFUSED: Literal["refused"] = "refused"  # a scope refused: the tracking thread decides, records
+UNAVAILABLE: Literal["unavailable"] = "unavailable"  # the writer process met an outage
+ReserveAnswer = Reservation | Literal["refused", "unavailable"] | None
+
+
+@dataclass
+class _Caller(CallContext):
+    """The context of a call asked of the writer process: who it is for, and its gateway key."""
+
+    key_id: str | None = None
+
+
+def _fixed(amount: int) -> Callable[[], int]:
+    return lambda: amount
+
+
 class DatabaseBudgetGuard:
     """The ``BudgetGuard`` of ``LLMClient``: counters in the database, shared by all processes.
 
@@ -403,14 +435,14 @@ class DatabaseBudgetGuard:
         known to apply. On the tracking thread, with other calls queued, it joins their batch.
         """
         now = self._clock()
+        amount = _once(lambda: self.worst_case(model, request, context.provider).cost_pico)
         try:
             outcome: Reservation | BudgetExceededError | None = batched(
-                self._reserve_batch, _Pending(context, model, request, now)
+                self._reserve_batch, _Pending(context, now, amount)
             )
             if isinstance(outcome, BudgetExceededError):
                 raise outcome
             if outcome is None:
-                amount = _once(lambda: self.worst_case(model, request, context.provider).cost_pico)
                 outcome = self._reserve_alone(context, amount, now)
             if outcome.held:
                 context.reservation = outcome  # spooled with the call's row if need be
@@ -425,15 +457,19 @@ class DatabaseBudgetGuard:
             return None
 
     def _reserve_alone(
-        self, context: CallContext, amount: Callable[[], int], now: datetime
+        self,
+        context: CallContext,
+        amount: Callable[[], int],
+        now: datetime,
+        row_id: str | None = None,
     ) -> Reservation:
         try:
-            return self._reserve(context, amount, now)
+            return self._reserve(context, amount, now, row_id)
         except BudgetExceededError:
             # A dead process's reservations may be what fills the scope: reclaim, retry once.
             if self.sweep_expired(now=now) == 0:
                 raise
-            return self._reserve(context, amount, now)
+            return self._reserve(context, amount, now, row_id)
 
     def reserve_nowait(self, *, context: CallContext) -> Reservation | None:
         """The (empty) reservation of a call that no scope limits, when a read that never waits
@@ -451,6 +487,93 @@ class DatabaseBudgetGuard:
         if limits is None or not _unlimited(limits):
             return None
         return self._unheld(context, day, limits)
+
+    # -- reservations made in the writer process ------------------------------------------
+    # An event loop's call that a limit may apply to asks the service's writer process for
+    # its reservation (``AsyncLLMClient``, ``WriterProcess.reserve``), so that the transaction
+    # runs outside the service's GIL: ``request`` here, ``reserve_requests`` there (the calls
+    # that arrived together in one transaction, as ``_reserve_batch`` does on the tracking
+    # thread), ``adopt`` here again. Only a reservation taken or found unneeded comes back as
+    # such: a refusal, a database failure or a lost answer send the call the tracking thread's
+    # way (``reserve``), which decides again and records what it decides; a lost answer first
+    # gives back what the writer process may have taken (``release``).
+
+    def request(
+        self, *, context: CallContext, model: str, request: Mapping[str, Any]
+    ) -> ReserveRequest | None:
+        """The call's reservation as the writer process takes it: a new id, the worst case
+        priced here; None while the breaker is open (``reserve`` decides without waiting)."""
+        if self._breaker.is_open:
+            return None
+        return ReserveRequest(
+            new_id(),
+            context.task_id,
+            context.user_id,
+            key_of(context),
+            self.worst_case(model, request, context.provider).cost_pico,
+            self._clock(),
+        )
+
+    def reserve_requests(self, requests: Sequence[ReserveRequest]) -> list[ReserveAnswer]:
+        """In the writer process: take the reservations of ``requests`` (one transaction for
+        all, as ``_reserve_batch``; the calls it leaves alone, alone); per request its
+        ``Reservation`` (held, or not needed), ``REFUSED``, ``UNAVAILABLE`` or None (the
+        tracking thread should try)."""
+        pending = [
+            _Pending(
+                _Caller(r.task_id, r.user_id, r.key_id), r.now, _fixed(r.amount_pico), r.row_id
+            )
+            for r in requests
+        ]
+        try:
+            results = self._reserve_batch(pending)
+        except Exception:
+            logger.exception("A batch of %d reservations failed; each alone", len(pending))
+            results = [None] * len(pending)
+        answers: list[ReserveAnswer] = []
+        for call, result in zip(pending, results, strict=True):
+            if result is None:
+                try:
+                    result = self._reserve_alone(call.context, call.amount, call.now, call.row_id)
+                except BudgetExceededError as exc:
+                    result = exc
+                except SQLAlchemyError:
+                    answers.append(UNAVAILABLE if self._breaker.is_open else None)
+                    continue
+                except Exception:
+                    logger.exception("Reserving %s failed", call.row_id)
+                    answers.append(None)
+                    continue
+            answers.append(REFUSED if isinstance(result, BudgetExceededError) else result)
+        return answers
+
+    def adopt(self, context: CallContext, answer: ReserveAnswer) -> Reservation | None:
+        """Back in the service, without the database: the reservation the writer process took
+        for ``context``'s call (None: the call goes the tracking thread's way)."""
+        if isinstance(answer, Reservation):
+            self._known.remember(context, answer.limits)
+            if answer.held:
+                context.reservation = answer  # spooled with the call's row if need be
+            return answer
+        if answer == UNAVAILABLE:
+            # The writer process met the outage: the caller waited for one timeout there, and
+            # the tracking thread decides at once rather than wait again.
+            self._breaker.trip("the writer process could not reach the database")
+        return None
+
+    def release(self, reservation_id: str) -> bool:
+        """Give back the reservation ``reservation_id`` if it was taken (a writer process that
+        died before answering may have committed it): True if it was."""
+        with self._breaker.transaction(self._gate) as tx:
+            row = store.read_reservation(tx, reservation_id)
+            if row is None:
+                return False
+            reservation = Reservation(
+                row.id, row.amount_pico, row.task_id, row.user_id, row.window_day, {},
+                key_id=row.key_id,
+            )  # fmt: skip
+            settle_on(tx, reservation, self._clock())
+        return True
 
     def _limits(
         self, context: CallContext, keys: list[CounterKey] | date, *, wait: bool
@@ -510,7 +633,11 @@ class DatabaseBudgetGuard:
         return limits
 
     def _reserve(
-        self, context: CallContext, worst_case: Callable[[], int], now: datetime
+        self,
+        context: CallContext,
+        worst_case: Callable[[], int],
+        now: datetime,
+        row_id: str | None = None,
     ) -> Reservation:
         self._breaker.check()  # open: decide now, without waiting for the database
         day = now.date()
@@ -526,7 +653,7 @@ class DatabaseBudgetGuard:
         races = 0
         for attempt in range(3 + RACE_RETRIES):
             try:
-                return self._hold(context, worst_case, keys, limits, now)
+                return self._hold(context, worst_case, keys, limits, now, row_id)
             except DBAPIError as exc:
                 # PostgreSQL broke a deadlock by ending this transaction: another one (a usage
                 # row's spend trigger in a batch of several tasks' rows, another process's
@@ -558,8 +685,10 @@ class DatabaseBudgetGuard:
         keys: list[CounterKey],
         limits: Mapping[BudgetScope, Limit] | None,
         now: datetime,
+        row_id: str | None = None,
     ) -> Reservation:
-        """Take the reservation on every counter of the call, or on none of them."""
+        """Take the reservation (``row_id``, else a new id) on every counter of the call, or on
+        none of them."""
         day = now.date()
         # Raising inside the block rolls back every scope's increment made before it.
         with self._breaker.transaction(self._gate) as tx:
@@ -569,7 +698,7 @@ class DatabaseBudgetGuard:
                     return self._unheld(context, day, limits)  # nothing was written
             amount = worst_case()  # only now: a call nothing limits never needs it
             row = store.ReservationRow(
-                new_id(), amount, context.task_id, context.user_id, day, key_of(context)
+                row_id or new_id(), amount, context.task_id, context.user_id, day, key_of(context)
             )
             # The reservation row before the counters: on SQLite the transaction starts with a
             # write (it takes the write lock at once, never upgrading a read snapshot), and the
@@ -621,9 +750,7 @@ class DatabaseBudgetGuard:
                         results[plan.index] = self._unheld(plan.call.context, day, plan.limits)
                         plan.outcome = _DONE
                     else:
-                        plan.amount = self.worst_case(
-                            plan.call.model, plan.call.request, plan.call.context.provider
-                        ).cost_pico
+                        plan.amount = plan.call.amount()
                 self._hold_many(tx, [p for p in plans if p.outcome is None])
             new_window = [p for p in plans if p.outcome is _ALONE]
             if new_window:
@@ -702,7 +829,7 @@ class DatabaseBudgetGuard:
         for plan in plans:
             if plan.outcome is None:
                 context, now = plan.call.context, plan.call.now
-                plan.row_id = new_id()
+                plan.row_id = plan.call.row_id or new_id()
                 row = store.ReservationRow(
                     plan.row_id,
                     plan.amount,
@@ -936,12 +1063,12 @@ def _warn_soft_limit(key: CounterKey, limit: Limit, state: CounterState) -> None
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    """A call waiting on the tracking thread for its reservation."""
+    """A call waiting for its reservation (on the tracking thread, or in the writer process)."""
 
     context: CallContext
-    model: str
-    request: Mapping[str, Any]
     now: datetime
+    amount: Callable[[], int]  # its worst case, in pico-dollars (computed when first asked)
+    row_id: str | None = None  # the reservation's id, when the caller chose it
 
 
 _DONE = object()  # no reservation needed after all (nothing limits the call)

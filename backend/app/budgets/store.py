@@ -157,6 +157,18 @@ _RESERVATION_COLUMNS = (
 )  # fmt: skip
 _INSERT_RESERVATION = Statement(insert(_reservation), column_keys=_RESERVATION_COLUMNS)
 _DELETE_RESERVATION = Statement(delete(_reservation).where(_reservation.c.id == bindparam("r_id")))
+# A reservation as ``ReservationRow`` reads it back, field by field.
+_RESERVATION_ROW = (
+    _reservation.c.id,
+    _reservation.c.amount_pico_usd,
+    _reservation.c.task_id,
+    _reservation.c.user_id,
+    _reservation.c.window_day,
+    _reservation.c.key_id,
+)
+_READ_RESERVATION = Statement(
+    select(*_RESERVATION_ROW).where(_reservation.c.id == bindparam("r_id"))
+)
 
 
 # The reserve path's lookup: a call has at most three subjects (its task, its user, and ''
@@ -413,6 +425,15 @@ def insert_reservations(tx: Tx, rows: Sequence[tuple[ReservationRow, datetime, d
         tx.execute_many(_INSERT_RESERVATION, [_reservation_values(*row) for row in rows])
 
 
+def read_reservation(tx: Tx, reservation_id: str) -> ReservationRow | None:
+    """The open reservation ``reservation_id`` (None: never taken, settled or reclaimed)."""
+    row = tx.execute(_READ_RESERVATION, {"r_id": reservation_id}).fetchone()
+    if row is None:
+        return None
+    window_day = row[4] if isinstance(row[4], date) else date.fromisoformat(row[4])
+    return ReservationRow(row[0], int(row[1]), row[2], row[3], window_day, row[5])
+
+
 def delete_reservation(tx: Tx, reservation_id: str) -> bool:
     """Remove an open reservation; False if it was already gone (expired and reclaimed)."""
     return bool(tx.execute(_DELETE_RESERVATION, {"r_id": reservation_id}).rowcount == 1)
@@ -436,14 +457,7 @@ def delete_expired_reservations(
     stmt = (
         delete(_reservation)
         .where(_reservation.c.id.in_(expired), _reservation.c.expires_at < now)
-        .returning(
-            _reservation.c.id,
-            _reservation.c.amount_pico_usd,
-            _reservation.c.task_id,
-            _reservation.c.user_id,
-            _reservation.c.window_day,
-            _reservation.c.key_id,
-        )
+        .returning(*_RESERVATION_ROW)
     )
     return [ReservationRow(r[0], int(r[1]), r[2], r[3], r[4], r[5]) for r in conn.execute(stmt)]
 

@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     )
     tracking_writer: Literal["process", "thread"] = Field(
         default="process",
-        description="Who commits async callers' usage rows: a writer process beside each "
-        "service process (outside its GIL: the event loop keeps its CPU), or a thread in it. "
+        description="Who commits async callers' usage rows and budget reservations: a writer "
+        "process beside each service process (outside its GIL: the event loop keeps its CPU), "
+        "or a thread in it. "
         "In-memory SQLite always uses the thread.",
     )
     usage_retention_days: int | None = Field(

@@ -97,6 +97,8 @@ class Runtime:
             database_url=self.engine.url.render_as_string(hide_password=False),
             sqlite_busy_timeout=self.settings.sqlite_busy_timeout_seconds,
             spool_dir=str(self.writer.spool.directory),
+            # Enforcing budgets: the child takes the event loops' reservations too.
+            settings=self.settings if self.settings.budget_enforcement else None,
         )
         return lambda worker: WriterProcess(
             config, on_lost=worker.rewrite, announce=announce_settled

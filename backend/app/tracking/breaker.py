@@ -137,6 +137,11 @@ class DatabaseBreaker:
         """Open the breaker if ``exc`` is an outage; True if this call opened it."""
         if not is_outage(exc):
             return False
+        return self.trip(exc)
+
+    def trip(self, reason: object) -> bool:
+        """Open the breaker for ``reason`` (an outage met here, or by the service's writer
+        process); True if this call opened it. It probes and closes as after any outage."""
         with self._lock:
             if self._open or self._closed_event.is_set():
                 return False
@@ -145,7 +150,9 @@ class DatabaseBreaker:
             DATABASE_BREAKER_TRIPS.inc()
             self._prober = threading.Thread(target=self._probe_loop, name="db-breaker", daemon=True)
             self._prober.start()
-        logger.warning("Database unavailable; circuit breaker open, probing for recovery: %s", exc)
+        logger.warning(
+            "Database unavailable; circuit breaker open, probing for recovery: %s", reason
+        )
         return True
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Tracer
 
+from app.budgets.guard import DatabaseBudgetGuard
 from app.core.prepared import Tx
 from app.core.runtime import Runtime, current_attempts, get_runtime
 from app.tracking.db_worker import DbWorker
@@ -63,6 +64,7 @@ from app.tracking.streams import (
     TrackedStream,
 )
 from app.tracking.tracker import CallContext, CallTracker, complete_shielded, default_tracer
+from app.tracking.write_process import LOST
 from app.usage import queries as usage_queries
 
 __all__ = [
@@ -504,10 +506,41 @@ class AsyncLLMClient(_BaseLLMClient):
         wait); the tracking thread that will record it."""
         worker = self.runtime.db_worker
         prepared.tracker.start()
-        if self.budget is not None and not self._reserve_nowait(prepared):
+        if (
+            self.budget is not None
+            and not self._reserve_nowait(prepared)
+            and not await self._reserve_in_writer(prepared, worker)
+        ):
             await _on_worker(worker, lambda: self._reserve(prepared))
         self._arm_settlement(prepared)
         return worker
+
+    async def _reserve_in_writer(self, prepared: _Prepared, worker: DbWorker) -> bool:
+        """Have the writer process take the call's reservation (its transaction then runs
+        outside this process's GIL); True if it did, or found none needed. False: the tracking
+        thread reserves (``_reserve``), which decides anything else (a refusal, an outage) and
+        records it."""
+        guard, process = self.budget, worker.process
+        # The writer process reserves with the runtime's own settings: only for its guard.
+        if guard is not self.runtime.budget_guard or process is None or not process.reserves:
+            return False
+        assert isinstance(guard, DatabaseBudgetGuard)
+        tracker = prepared.tracker
+        request = guard.request(
+            context=tracker.context,
+            model=tracker.model,
+            request=tracker.operation.budget_request(prepared.kwargs),
+        )
+        waiter = process.reserve(request) if request is not None else None
+        if request is None or waiter is None:
+            return False
+        with anyio.CancelScope(shield=True):
+            answer = await waiter
+        if answer == LOST:  # it may have been taken: give it back before reserving again
+            await _on_worker(worker, lambda: guard.release(request.row_id))
+            return False
+        prepared.reservation = guard.adopt(tracker.context, answer)
+        return prepared.reservation is not None
 
     def _call_stream_manager(
         self, operation: Operation, kwargs: dict[str, Any], invoke: Callable[..., Any]

@@ -14,6 +14,18 @@ process beside it (``TRACKING_WRITER=process``, the default for a file or server
   ``guard.settle_data``) and acknowledges each with its ``WriteOutcome``. What the settlements
   warned about (a soft limit crossed, an expired reservation) comes back with the
   acknowledgement and is announced here, where the service's metrics are.
+- An event loop's call that a budget limit may apply to asks the child for its reservation too
+  (``WriterProcess.reserve``, when the service enforces budgets: the child builds the same
+  ``DatabaseBudgetGuard`` from the service's settings). The reservations that arrived together
+  are taken in one transaction (``DatabaseBudgetGuard.reserve_requests``), before the rows of
+  the same read, and each caller's loop gets its answer as the acknowledgements come: the
+  ``Reservation`` taken (or found unneeded), or word that the tracking thread must decide (a
+  refusal, which it decides again and records; an outage, which opens this process's breaker
+  too, so the call pays one timeout, not two). The reservation's id is chosen by the caller: a
+  child that dies before answering may have taken it, and the caller gives it back
+  (``DatabaseBudgetGuard.release``) before the thread reserves again. Taking them here frees the
+  service's GIL of the reservation's SQL (issue 17: with every scope limited, tracked async
+  throughput 0.88x raw with the thread reserving, 0.90x with the child).
 - Nothing is lost or counted twice if the child dies: every row sent and not acknowledged is
   written again by the tracking thread, its settlement done only if the row is new (a row in
   the ledger was committed with its settlement: ``UsageWriter.write(also_if_new=True)``); the
@@ -31,7 +43,8 @@ process beside it (``TRACKING_WRITER=process``, the default for a file or server
   the loop and woke it again through its self-pipe: about a tenth of a millisecond of the loop's
   time per call (issue 17).
 - Messages are pickles, exchanged only with our own child over a socket pair no other process
-  holds; a row travels as ``UsageRecord.to_wire``, an acknowledgement as plain flags.
+  holds; a row travels as ``UsageRecord.to_wire``, an acknowledgement as plain flags, a
+  reservation as ``ReserveRequest`` and its answer as a ``Reservation`` or a word.
 
 In-memory SQLite cannot be shared with another process, so there the thread writes.
 """
@@ -58,12 +71,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Engine, make_url
 
 from app.observability import TRACKING_ERRORS, USAGE_SPOOL_PENDING, USAGE_SPOOLED
-from app.tracking.db_worker import resolve_all
+from app.tracking.db_worker import _resolve_on, resolve_all
 from app.tracking.record import UsageRecord
 from app.tracking.writer import WriteOutcome
 
 if TYPE_CHECKING:
-    from app.budgets.guard import Settled
+    from app.budgets.guard import ReserveAnswer, ReserveRequest, Settled
+    from app.core.config import Settings
     from app.tracking.db_worker import _Write
 
 logger = logging.getLogger(__name__)
@@ -73,6 +87,8 @@ logger = logging.getLogger(__name__)
 ProcessState = Literal["idle", "starting", "up", "down", "closed"]
 
 READY = "ready"
+RESERVED = "reserved"  # a message of reservation answers: (RESERVED, [(seq, answer), ...])
+LOST: Literal["lost"] = "lost"  # a reservation's answer when the child died before giving it
 MAX_MESSAGE = 1 << 20  # a row bigger than this pickled is written by the thread
 SOCKET_BUFFER = 4 << 20
 ACKS_PER_MESSAGE = 64
@@ -92,6 +108,9 @@ class WriterConfig:
     database_url: str
     sqlite_busy_timeout: float
     spool_dir: str
+    # The service's settings when it enforces budgets: the child then also takes its event
+    # loops' reservations (``DatabaseBudgetGuard.reserve_requests``).
+    settings: Settings | None = None
 
 
 def shareable(engine: Engine) -> bool:
@@ -138,6 +157,15 @@ def _socket_pair() -> tuple[socket.socket, socket.socket]:
 # -- the service's side -----------------------------------------------------------------------
 
 
+@dataclass(eq=False, slots=True)
+class _Reserve:
+    """A call's reservation asked of the child: its answer goes to ``waiter`` on ``loop``."""
+
+    request: ReserveRequest
+    loop: asyncio.AbstractEventLoop
+    waiter: asyncio.Future[ReserveAnswer | Literal["lost"]]
+
+
 @dataclass(eq=False)
 class _Link:
     """One child process and the rows it owes an acknowledgement for."""
@@ -146,7 +174,7 @@ class _Link:
     sock: socket.socket
     up: bool = False  # the child said it is ready
     lost: bool = False  # its rows were handed back; it takes no more
-    pending: dict[int, _Write] = field(default_factory=dict)
+    pending: dict[int, _Write | _Reserve] = field(default_factory=dict)
     # The event loop reading the acknowledgements (None: the receiver thread reads them), and
     # the loop the socket is registered with (until that loop itself removes it: the socket is
     # never closed under a registration, whose descriptor a new socket could reuse).
@@ -179,11 +207,13 @@ class WriterProcess:
         self._home: asyncio.AbstractEventLoop | None = None
         # What it did (read by /health and the tests): children started, rows acknowledged,
         # rows handed back to the thread because a child died without acknowledging them,
-        # acknowledgement messages read on an event loop rather than by the receiver thread.
+        # acknowledgement messages read on an event loop rather than by the receiver thread,
+        # reservations answered.
         self.starts = 0
         self.acknowledged = 0
         self.handed_back = 0
         self.loop_reads = 0
+        self.answered = 0  # reservations the child answered
 
     @property
     def state(self) -> ProcessState:
@@ -212,9 +242,29 @@ class WriterProcess:
             time.sleep(0.02)
         return self.state == "up"
 
+    @property
+    def reserves(self) -> bool:
+        """True if the child takes reservations (the service enforces budgets)."""
+        return self._config.settings is not None
+
     def submit(self, job: _Write) -> bool:
         """Send ``job``'s row and settlement to the child; False if it cannot take it now
         (not started yet, restarting, closed, or too far behind): the caller writes it."""
+        return self._send(job, lambda seq: (seq, job.record.to_wire(), job.settlement))
+
+    def reserve(
+        self, request: ReserveRequest
+    ) -> asyncio.Future[ReserveAnswer | Literal["lost"]] | None:
+        """On an event loop: ask the child for ``request``'s reservation; the future of its
+        answer (``LOST`` if the child died first), or None if it cannot take it now."""
+        if not self.reserves:
+            return None
+        loop = asyncio.get_running_loop()
+        job = _Reserve(request, loop, loop.create_future())
+        return job.waiter if self._send(job, lambda seq: (seq, request)) else None
+
+    def _send(self, job: _Write | _Reserve, message_of: Callable[[int], Any]) -> bool:
+        """Send ``job`` (as ``message_of(seq)``) to the child; False if it cannot take it now."""
         with self._lock:
             link = self._link
             if link is None or self._closed:
@@ -228,7 +278,7 @@ class WriterProcess:
             if job.loop is not None and job.loop is not self._home:
                 self._adopt(job.loop, link)
         try:
-            message = _encode((seq, job.record.to_wire(), job.settlement))
+            message = _encode(message_of(seq))
             if len(message) > MAX_MESSAGE:
                 raise ValueError("row too big for a message")
             link.sock.send(message, socket.MSG_DONTWAIT)  # whole or not at all
@@ -237,7 +287,7 @@ class WriterProcess:
                 taken = link.pending.pop(seq, None) is not None
             if not isinstance(exc, BlockingIOError | ValueError):
                 logger.warning("The writer process stopped taking rows: %s", exc)
-            # Not sent: the caller writes it (unless the receiver already handed it back).
+            # Not sent: the caller does it (unless the receiver already handed it back).
             return not taken
         return True
 
@@ -316,7 +366,7 @@ class WriterProcess:
                         with contextlib.suppress(RuntimeError):  # closed meanwhile
                             home.call_soon_threadsafe(self._register, link, home)
                     continue
-                self._acknowledge(link, message)
+                self._dispatch(link, message)
         except Exception:
             logger.exception("Reading the writer process's acknowledgements failed")
         finally:
@@ -380,7 +430,7 @@ class WriterProcess:
                 return
             self.loop_reads += 1
             try:
-                self._acknowledge(link, message)
+                self._dispatch(link, message)
             except Exception:
                 logger.exception("Reading the writer process's acknowledgements failed")
 
@@ -422,6 +472,19 @@ class WriterProcess:
                         self._home = None
                 self._release(link)
 
+    def _dispatch(self, link: _Link, message: Any) -> None:
+        if isinstance(message, tuple) and message[0] == RESERVED:
+            self._answer(link, message[1])
+        else:
+            self._acknowledge(link, message)
+
+    def _answer(self, link: _Link, answers: Iterable[tuple[int, ReserveAnswer]]) -> None:
+        """Hand the child's reservation answers to the loops waiting for them."""
+        with self._lock:
+            jobs = [(link.pending.pop(seq, None), answer) for seq, answer in answers]
+            self.answered += len(jobs)
+        _resolve_reserves([(job, answer) for job, answer in jobs if isinstance(job, _Reserve)])
+
     def _acknowledge(
         self, link: _Link, acks: Iterable[tuple[int, tuple[bool, bool, bool], Any]]
     ) -> None:
@@ -433,7 +496,7 @@ class WriterProcess:
             self.acknowledged += len(jobs)
         results: list[tuple[_Write, WriteOutcome | BaseException]] = []
         for job, outcome, settled in jobs:
-            if job is None:
+            if job is None or isinstance(job, _Reserve):
                 continue
             if not outcome.persisted:  # the child's counters are not the service's
                 USAGE_SPOOLED.inc()
@@ -452,7 +515,8 @@ class WriterProcess:
         _kill(link.process)
         with self._lock:
             link.lost, link.up = True, False
-            jobs, link.pending = list(link.pending.values()), {}
+            taken, link.pending = list(link.pending.values()), {}
+            jobs = [job for job in taken if not isinstance(job, _Reserve)]
             self.handed_back += len(jobs)
             if self._link is link:
                 self._link = None
@@ -475,12 +539,26 @@ class WriterProcess:
                 code,
                 len(jobs),
             )
+        # A reservation asked and not answered may have been taken: its caller gives it back
+        # (``DatabaseBudgetGuard.release``) before reserving on the tracking thread.
+        _resolve_reserves([(job, LOST) for job in taken if isinstance(job, _Reserve)])
         if jobs:
             self._on_lost(jobs)
 
     def _unregister_and_close(self, link: _Link, loop: asyncio.AbstractEventLoop) -> None:
         self._unregister(link, loop)
         link.sock.close()
+
+
+def _resolve_reserves(answers: list[tuple[_Reserve, ReserveAnswer | Literal["lost"]]]) -> None:
+    by_loop: dict[
+        asyncio.AbstractEventLoop,
+        list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
+    ] = {}
+    for job, answer in answers:
+        by_loop.setdefault(job.loop, []).append((job.waiter, answer, None))
+    for loop, resolutions in by_loop.items():
+        _resolve_on(loop, resolutions)
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -526,6 +604,16 @@ def serve(sock: socket.socket) -> None:
         config.database_url, sqlite_busy_timeout=config.sqlite_busy_timeout, **extra
     )
     writer = UsageWriter(engine, UsageSpool(Path(config.spool_dir)))
+    guard = None
+    if config.settings is not None:
+        from app.budgets.guard import DatabaseBudgetGuard
+        from app.tracking.pricing import PriceBook
+
+        # Reservations arrive priced (the worst case is the service's to compute): the book
+        # is there for the guard's own use, the service's prices if it ever needs them.
+        settings = config.settings
+        prices = PriceBook.configured(settings.price_overrides, settings.prices_file)
+        guard = DatabaseBudgetGuard(engine, settings, prices)
     sock.sendall(_encode(READY))
 
     def settling(
@@ -549,13 +637,26 @@ def serve(sock: socket.socket) -> None:
                     done = True
                     break
                 batch.append(message)
+            requests = [message for message in batch if len(message) == 2]
+            if requests:  # first: their callers wait to make their calls
+                answers = (
+                    guard.reserve_requests([request for _, request in requests])
+                    if guard is not None
+                    else [None] * len(requests)
+                )
+                replies = [
+                    (seq, answer) for (seq, _), answer in zip(requests, answers, strict=True)
+                ]
+                for start in range(0, len(replies), ACKS_PER_MESSAGE):
+                    sock.sendall(_encode((RESERVED, replies[start : start + ACKS_PER_MESSAGE])))
             jobs: list[tuple[int, _Write, list[Settled]]] = []
-            for seq, values, settlement in batch:
+            for seq, values, settlement in (message for message in batch if len(message) == 3):
                 record = UsageRecord.from_wire(values)
                 box: list[Settled] = []
                 also = settling(record, settlement, box) if settlement is not None else None
                 jobs.append((seq, _Write(record, also, settlement, future=Future()), box))
-            write_batch(writer, [job for _, job, _ in jobs])
+            if jobs:
+                write_batch(writer, [job for _, job, _ in jobs])
             acks = []
             for seq, job, box in jobs:
                 assert job.future is not None

@@ -67,7 +67,11 @@ async def _async_burst(
     runtime: Runtime, user: str, calls: int, prefix: str, *, own_http: bool = False
 ) -> list[str]:
     """``calls`` concurrent calls; ``own_http``: through an SDK client of this event loop's own
-    (an HTTP connection pool belongs to one event loop; the runtime's is shared)."""
+    (an HTTP connection pool belongs to one event loop; the runtime's is shared). The runtime's
+    writer process is started first: it takes the reservations (in batches of its own)."""
+    process = runtime.db_worker.process
+    assert process is not None and process.reserves
+    assert process.start(wait=60), "the writer process did not start"
     http = (
         openai.AsyncOpenAI(api_key="sk-test", base_url=runtime.llm_endpoint, max_retries=0)
         if own_http
@@ -119,6 +123,8 @@ def test_batches_threads_and_sync_calls_together_never_pass_the_cap(
 
     assert watch.reads > 0 and watch.worst <= CAP_CALLS * cost
     assert outcomes.count("ok") == CAP_CALLS and len(outcomes) == 160
+    process = runtime.db_worker.process
+    assert process is not None and process.answered == 120  # every async call asked it
     assert sim.state.stats()["requests"] == CAP_CALLS
     final = counter(runtime, BudgetScope.USER_DAILY, "capped")
     assert (final.spent_pico, final.reserved_pico) == (CAP_CALLS * cost, 0)
@@ -129,7 +135,9 @@ def _process_burst(settings: Settings, calls: int, barrier: Any, results: Any) -
     runtime = Runtime.build(settings, start_background=False)
     try:
         barrier.wait(timeout=120)
-        results.put(asyncio.run(_async_burst(runtime, "proc-capped", calls, f"p{id(runtime)}")))
+        outcomes = asyncio.run(_async_burst(runtime, "proc-capped", calls, f"p{id(runtime)}"))
+        assert runtime.db_worker.process is not None
+        results.put((outcomes, runtime.db_worker.process.answered))
     finally:
         runtime.close()
 
@@ -157,12 +165,14 @@ def test_batches_in_three_processes_never_pass_the_cap(
         with CapWatch(watcher, "proc-capped") as watch:
             for proc in procs:
                 proc.start()
-            outcomes = [o for _ in procs for o in results.get(timeout=300)]
+            reports = [results.get(timeout=300) for _ in procs]
+            outcomes = [o for run, _ in reports for o in run]
             for proc in procs:
                 proc.join(timeout=60)
                 assert proc.exitcode == 0
         assert watch.reads > 0 and watch.worst <= CAP_CALLS * cost
         assert outcomes.count("ok") == CAP_CALLS and len(outcomes) == 180
+        assert [answered for _, answered in reports] == [60, 60, 60]  # writer processes took them
         assert sim.state.stats()["requests"] == CAP_CALLS
         final = counter(watcher, BudgetScope.USER_DAILY, "proc-capped")
         assert (final.spent_pico, final.reserved_pico) == (CAP_CALLS * cost, 0)

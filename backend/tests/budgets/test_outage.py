@@ -68,6 +68,10 @@ def outage_runtime(
         spool_replay_interval_seconds=30.0,  # only the breaker's recovery replays in time
     )
     runtime = Runtime.build(settings)  # with its spool replayer
+    process = runtime.db_worker.process
+    assert process is not None and process.reserves
+    # Started, as the service starts it: it takes the event loop's reservations and rows.
+    assert process.start(wait=60), "the writer process did not start"
     try:
         yield runtime, outage
     finally:
@@ -172,6 +176,8 @@ async def test_after_an_outage_the_counters_equal_the_ledger_within_seconds(
             select(func.count()).select_from(LLMUsage).where(LLMUsage.status == "success")
         )
     assert successes == outcomes["ok"]  # every returned call has its one row
+    process = runtime.db_worker.process
+    assert process is not None and process.answered > WORKERS  # it took reservations
 
 
 def test_a_spooled_settlement_is_replayed_with_its_row_exactly_once(

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from app.api.v1.health import _WRITER_STATES, WriterState
 from app.budgets.guard import Reservation, settle_data
+from app.core.errors import BudgetExceededError
 from app.core.runtime import Runtime
 from app.models import BudgetScope, LLMUsage
 from app.simulator.server import SimulatorServer
@@ -31,7 +32,14 @@ from app.tracking.llm_client import AsyncLLMClient
 from app.tracking.record import UsageRecord
 from app.tracking.spool import Spooled
 from app.tracking.write_process import ProcessState, WriterProcess, shareable
-from tests.budgets.test_budgets import MAX_TOKENS, MESSAGES, MODEL, PRICES, script_exact_usage
+from tests.budgets.test_budgets import (
+    MAX_TOKENS,
+    MESSAGES,
+    MODEL,
+    PRICES,
+    call_cost_pico,
+    script_exact_usage,
+)
 from tests.budgets.test_outage import books
 from tests.conftest import RuntimeFactory
 from tests.support.reliability import wait_until
@@ -134,14 +142,16 @@ async def test_rows_a_stopped_child_never_acknowledged_are_written_by_the_thread
 ) -> None:
     runtime = limited_runtime(runtime_factory)
     process = writer_of(runtime)
-    script_exact_usage(sim)
+    script_exact_usage(sim, latency_ms=1500)
     pid = process.pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # it takes rows into its socket and commits none of them
+    calls = asyncio.ensure_future(call_many(runtime, 20, 20, "stopped"))
     try:
-        calls = asyncio.ensure_future(call_many(runtime, 20, 20, "stopped"))
-        await asyncio.to_thread(wait_until, lambda: sim.state.stats()["requests"] >= 20, 30)
-        await asyncio.sleep(0.3)
+        # The child took the reservations (the calls reached the provider): stopped now, it
+        # takes the rows into its socket and commits none of them.
+        assert await asyncio.to_thread(wait_until, lambda: sim.state.stats()["requests"] >= 20, 30)
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(2.0)
         assert not calls.done()  # each call waits for its row's commit
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -400,3 +410,95 @@ def test_a_reservation_postgresql_ends_to_break_a_deadlock_is_taken_again(
 def test_health_names_every_state_of_the_writer_process() -> None:
     assert set(_WRITER_STATES) == set(get_args(ProcessState))
     assert set(_WRITER_STATES.values()) | {"thread"} == set(get_args(WriterState))
+
+
+# -- reservations taken by the writer process --------------------------------------------------
+
+
+def blocked_total(scope: str) -> float:
+    return REGISTRY.get_sample_value("llm_budget_blocked_total", {"scope": scope}) or 0.0
+
+
+async def test_the_writer_process_takes_the_loops_reservations_and_the_cap_holds(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    cost = call_cost_pico()
+    runtime = runtime_factory(
+        price_overrides=PRICES, budget_user_daily_usd=Decimal(12 * cost) / 10**12
+    )
+    process = writer_of(runtime)
+    assert process.reserves and process.start(wait=60)
+    script_exact_usage(sim, latency_ms=20)
+    blocked_before = blocked_total("user_daily")
+
+    async def one(i: int) -> str:
+        client = AsyncLLMClient(task_id=f"capped-{i % 7}", user_id=USER, runtime=runtime)
+        try:
+            await client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+        except BudgetExceededError as exc:
+            return f"blocked: {exc.scope}"
+        return "ok"
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(40)))
+
+    assert sorted(set(outcomes)) == ["blocked: user_daily", "ok"]
+    assert outcomes.count("ok") == 12 and sim.state.stats()["requests"] == 12
+    assert process.answered == 40  # every call asked the writer process first
+    # A refusal is decided again and recorded by the tracking thread: the metric, the row.
+    assert blocked_total("user_daily") - blocked_before == 28
+    with runtime.engine.connect() as conn:
+        statuses = dict(
+            conn.execute(select(LLMUsage.status, func.count()).group_by(LLMUsage.status)).all()
+        )
+    assert statuses == {"success": 12, "blocked": 28}
+    final = books(runtime.engine)
+    assert final.balanced and final.open_reservations == 0, final
+
+
+def test_a_reservation_taken_and_never_answered_is_given_back(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    from app.tracking.tracker import CallContext
+
+    runtime = limited_runtime(runtime_factory, start=False)
+    guard = runtime.budget_guard
+    assert guard is not None
+    request = guard.request(
+        context=CallContext(task_id="lost-task", user_id=USER),
+        model=MODEL,
+        request={"messages": MESSAGES, "model": MODEL, "max_tokens": MAX_TOKENS},
+    )
+    assert request is not None
+    # What the writer process does with it, here: the reservation is committed...
+    (taken,) = guard.reserve_requests([request])
+    assert isinstance(taken, Reservation) and taken.held and taken.id == request.row_id
+    assert books(runtime.engine).open_reservations == 1
+    # ... and the answer never reaches the caller, which gives it back before reserving again.
+    assert guard.release(request.row_id) is True
+    assert guard.release(request.row_id) is False  # once
+    final = books(runtime.engine)
+    assert final.open_reservations == 0
+    assert all(reserved == 0 for _, reserved in final.counters.values()), final
+
+
+async def test_reservations_asked_of_a_child_that_dies_go_to_the_thread(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it takes the requests into its socket and answers none
+    try:
+        calls = asyncio.ensure_future(call_many(runtime, 20, 20, "unanswered"))
+        await asyncio.sleep(0.5)
+        assert not calls.done() and sim.state.stats()["requests"] == 0  # all wait for answers
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert await calls == 20
+
+    assert process.answered == 0
+    assert rows(runtime) == 20
+    final = books(runtime.engine)
+    assert final.balanced and final.open_reservations == 0, final
