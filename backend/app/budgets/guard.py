@@ -496,7 +496,8 @@ class DatabaseBudgetGuard:
     # thread), ``adopt`` here again. Only a reservation taken or found unneeded comes back as
     # such: a refusal, a database failure or a lost answer send the call the tracking thread's
     # way (``reserve``), which decides again and records what it decides; a lost answer first
-    # gives back what the writer process may have taken (``release``).
+    # gives back what the writer process may have taken (``release``), as does a reservation
+    # taken for a caller that stopped waiting.
 
     def request(
         self, *, context: CallContext, model: str, request: Mapping[str, Any]
@@ -574,6 +575,14 @@ class DatabaseBudgetGuard:
             )  # fmt: skip
             settle_on(tx, reservation, self._clock())
         return True
+
+    def give_back(self, reservation_id: str) -> None:
+        """``release``, for a caller that cannot wait for it or act on its failure: a
+        reservation it could not give back (the database is down) expires after the TTL."""
+        try:
+            self.release(reservation_id)
+        except Exception as exc:
+            logger.warning("Could not give back reservation %s: %s", reservation_id, exc)
 
     def _limits(
         self, context: CallContext, keys: list[CounterKey] | date, *, wait: bool

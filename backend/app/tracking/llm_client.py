@@ -531,13 +531,19 @@ class AsyncLLMClient(_BaseLLMClient):
             model=tracker.model,
             request=tracker.operation.budget_request(prepared.kwargs),
         )
-        waiter = process.reserve(request) if request is not None else None
-        if request is None or waiter is None:
+        if request is None:
+            return False
+        # A caller cancelled while the child reserves (``asyncio.wait_for``): what the child
+        # takes after that is given back on the tracking thread.
+        waiter = process.reserve(
+            request, abandoned=lambda row_id: worker.call(lambda: guard.give_back(row_id))
+        )
+        if waiter is None:
             return False
         with anyio.CancelScope(shield=True):
             answer = await waiter
         if answer == LOST:  # it may have been taken: give it back before reserving again
-            await _on_worker(worker, lambda: guard.release(request.row_id))
+            await _on_worker(worker, lambda: guard.give_back(request.row_id))
             return False
         prepared.reservation = guard.adopt(tracker.context, answer)
         return prepared.reservation is not None

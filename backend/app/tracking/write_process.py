@@ -23,9 +23,10 @@ process beside it (``TRACKING_WRITER=process``, the default for a file or server
   refusal, which it decides again and records; an outage, which opens this process's breaker
   too, so the call pays one timeout, not two). The reservation's id is chosen by the caller: a
   child that dies before answering may have taken it, and the caller gives it back
-  (``DatabaseBudgetGuard.release``) before the thread reserves again. Taking them here frees the
-  service's GIL of the reservation's SQL (issue 17: with every scope limited, tracked async
-  throughput 0.88x raw with the thread reserving, 0.90x with the child).
+  (``DatabaseBudgetGuard.give_back``) before the thread reserves again; a reservation taken for
+  a caller that stopped waiting (cancelled: ``asyncio.wait_for``) is given back likewise.
+  Taking them here frees the service's GIL of the reservation's SQL (issue 17: with every scope
+  limited, tracked async throughput 0.88x raw with the thread reserving, 0.90x with the child).
 - Nothing is lost or counted twice if the child dies: every row sent and not acknowledged is
   written again by the tracking thread, its settlement done only if the row is new (a row in
   the ledger was committed with its settlement: ``UsageWriter.write(also_if_new=True)``); the
@@ -71,7 +72,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Engine, make_url
 
 from app.observability import TRACKING_ERRORS, USAGE_SPOOL_PENDING, USAGE_SPOOLED
-from app.tracking.db_worker import _resolve_on, resolve_all
+from app.tracking.db_worker import resolve_all
 from app.tracking.record import UsageRecord
 from app.tracking.writer import WriteOutcome
 
@@ -164,6 +165,22 @@ class _Reserve:
     request: ReserveRequest
     loop: asyncio.AbstractEventLoop
     waiter: asyncio.Future[ReserveAnswer | Literal["lost"]]
+    # Given the reservation's id when nobody waits for the answer any more (the caller was
+    # cancelled, its loop closed) and the answer is, or may be, a reservation taken.
+    abandoned: Callable[[str], object] | None = None
+
+    def deliver(self, answer: ReserveAnswer | Literal["lost"]) -> None:
+        """On ``loop``: the answer to the caller, or given back if the caller is gone."""
+        if not self.waiter.done():
+            self.waiter.set_result(answer)
+        else:
+            self.give_back(answer)
+
+    def give_back(self, answer: ReserveAnswer | Literal["lost"]) -> None:
+        """Nobody waits for ``answer``: give its reservation back if one was, or may have
+        been, taken."""
+        if self.abandoned is not None and (answer == LOST or getattr(answer, "held", False)):
+            self.abandoned(self.request.row_id)
 
 
 @dataclass(eq=False)
@@ -253,14 +270,16 @@ class WriterProcess:
         return self._send(job, lambda seq: (seq, job.record.to_wire(), job.settlement))
 
     def reserve(
-        self, request: ReserveRequest
+        self, request: ReserveRequest, *, abandoned: Callable[[str], object] | None = None
     ) -> asyncio.Future[ReserveAnswer | Literal["lost"]] | None:
         """On an event loop: ask the child for ``request``'s reservation; the future of its
-        answer (``LOST`` if the child died first), or None if it cannot take it now."""
+        answer (``LOST`` if the child died first), or None if it cannot take it now.
+        ``abandoned``: what gives the reservation back if it is taken after the caller stopped
+        waiting (cancelled: ``asyncio.wait_for``, ``task.cancel()``)."""
         if not self.reserves:
             return None
         loop = asyncio.get_running_loop()
-        job = _Reserve(request, loop, loop.create_future())
+        job = _Reserve(request, loop, loop.create_future(), abandoned)
         return job.waiter if self._send(job, lambda seq: (seq, request)) else None
 
     def _send(self, job: _Write | _Reserve, message_of: Callable[[int], Any]) -> bool:
@@ -551,14 +570,24 @@ class WriterProcess:
 
 
 def _resolve_reserves(answers: list[tuple[_Reserve, ReserveAnswer | Literal["lost"]]]) -> None:
-    by_loop: dict[
-        asyncio.AbstractEventLoop,
-        list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
-    ] = {}
+    """Deliver each answer on its caller's loop (one wake-up per loop; at once on that loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Reserve, Any]]] = {}
     for job, answer in answers:
-        by_loop.setdefault(job.loop, []).append((job.waiter, answer, None))
-    for loop, resolutions in by_loop.items():
-        _resolve_on(loop, resolutions)
+        by_loop.setdefault(job.loop, []).append((job, answer))
+    for loop, group in by_loop.items():
+
+        def deliver_all(group: list[tuple[_Reserve, Any]] = group) -> None:
+            for job, answer in group:
+                job.deliver(answer)
+
+        if asyncio._get_running_loop() is loop:
+            deliver_all()
+            continue
+        try:
+            loop.call_soon_threadsafe(deliver_all)
+        except RuntimeError:  # a closed loop: nobody waits there any more
+            for job, answer in group:
+                job.give_back(answer)
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:

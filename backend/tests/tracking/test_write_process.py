@@ -56,6 +56,19 @@ def limited_runtime(runtime_factory: RuntimeFactory, *, start: bool = True) -> R
     return runtime
 
 
+def limited_child(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> tuple[Runtime, WriterProcess, int]:
+    """A limited runtime, its writer process started, every call billed its worst case: the
+    runtime, its writer process and the child's pid."""
+    runtime = limited_runtime(runtime_factory)
+    process = writer_of(runtime)
+    script_exact_usage(sim)
+    pid = process.pid
+    assert pid is not None
+    return runtime, process, pid
+
+
 def writer_of(runtime: Runtime) -> WriterProcess:
     process = runtime.db_worker.process
     assert process is not None, "TRACKING_WRITER=process is the default"
@@ -484,11 +497,7 @@ def test_a_reservation_taken_and_never_answered_is_given_back(
 async def test_reservations_asked_of_a_child_that_dies_go_to_the_thread(
     runtime_factory: RuntimeFactory, sim: SimulatorServer
 ) -> None:
-    runtime = limited_runtime(runtime_factory)
-    process = writer_of(runtime)
-    script_exact_usage(sim)
-    pid = process.pid
-    assert pid is not None
+    runtime, process, pid = limited_child(runtime_factory, sim)
     os.kill(pid, signal.SIGSTOP)  # it takes the requests into its socket and answers none
     try:
         calls = asyncio.ensure_future(call_many(runtime, 20, 20, "unanswered"))
@@ -502,3 +511,26 @@ async def test_reservations_asked_of_a_child_that_dies_go_to_the_thread(
     assert rows(runtime) == 20
     final = books(runtime.engine)
     assert final.balanced and final.open_reservations == 0, final
+
+
+async def test_a_caller_that_gives_up_while_the_child_reserves_leaves_nothing_reserved(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime, process, pid = limited_child(runtime_factory, sim)
+    client = AsyncLLMClient(task_id="gave-up", user_id=USER, runtime=runtime)
+    os.kill(pid, signal.SIGSTOP)  # the request waits in its socket
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS), 0.3
+            )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The child takes the reservation now, and answers a caller that is gone: given back.
+    assert await asyncio.to_thread(wait_until, lambda: process.answered == 1, 10)
+    assert await asyncio.to_thread(
+        wait_until, lambda: books(runtime.engine).open_reservations == 0, 10
+    ), books(runtime.engine)
+    assert sim.state.stats()["requests"] == 0
+    final = books(runtime.engine)  # nothing spent (no row), nothing held
+    assert final.counters and set(final.counters.values()) == {(0, 0)}, final
