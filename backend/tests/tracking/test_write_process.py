@@ -39,6 +39,7 @@ from tests.budgets.test_budgets import (
     PRICES,
     call_cost_pico,
     script_exact_usage,
+    set_limit,
 )
 from tests.budgets.test_outage import books
 from tests.conftest import RuntimeFactory
@@ -534,3 +535,19 @@ async def test_a_caller_that_gives_up_while_the_child_reserves_leaves_nothing_re
     assert sim.state.stats()["requests"] == 0
     final = books(runtime.engine)  # nothing spent (no row), nothing held
     assert final.counters and set(final.counters.values()) == {(0, 0)}, final
+
+
+async def test_an_override_set_in_the_service_binds_the_writer_processs_next_reservation(
+    runtime_factory: RuntimeFactory, sim: SimulatorServer
+) -> None:
+    runtime, process, _ = limited_child(runtime_factory, sim)
+    client = AsyncLLMClient(task_id="overridden", user_id=USER, runtime=runtime)
+    await client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+    assert process.answered == 1  # the child read the user's limits (and keeps them)
+    # An administrator lowers the user's limit below one call, through this process.
+    set_limit(runtime, BudgetScope.USER_DAILY, USER, Decimal(call_cost_pico() // 2) / 10**12)
+    with pytest.raises(BudgetExceededError) as refused:
+        await client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS)
+    assert refused.value.scope == "user_daily"
+    assert process.answered == 2 and sim.state.stats()["requests"] == 1
+    assert books(runtime.engine).open_reservations == 0
