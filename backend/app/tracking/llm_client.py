@@ -38,7 +38,6 @@ from opentelemetry import trace
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Tracer
 
-from app.budgets.guard import DatabaseBudgetGuard
 from app.core.prepared import Tx
 from app.core.runtime import Runtime, current_attempts, get_runtime
 from app.tracking.db_worker import DbWorker
@@ -520,11 +519,12 @@ class AsyncLLMClient(_BaseLLMClient):
         outside this process's GIL); True if it did, or found none needed. False: the tracking
         thread reserves (``_reserve``), which decides anything else (a refusal, an outage) and
         records it."""
-        guard, process = self.budget, worker.process
+        guard, process = self.runtime.budget_guard, worker.process
         # The writer process reserves with the runtime's own settings: only for its guard.
-        if guard is not self.runtime.budget_guard or process is None or not process.reserves:
+        if self.budget is not guard or process is None or not process.reserves:
             return False
-        assert isinstance(guard, DatabaseBudgetGuard)
+        if guard is None:  # (apart: mypy keeps the narrowing then)
+            return False
         tracker = prepared.tracker
         request = guard.request(
             context=tracker.context,
