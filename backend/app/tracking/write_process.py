@@ -559,7 +559,7 @@ class WriterProcess:
                 len(jobs),
             )
         # A reservation asked and not answered may have been taken: its caller gives it back
-        # (``DatabaseBudgetGuard.release``) before reserving on the tracking thread.
+        # (``DatabaseBudgetGuard.give_back``) before reserving on the tracking thread.
         _resolve_reserves([(job, LOST) for job in taken if isinstance(job, _Reserve)])
         if jobs:
             self._on_lost(jobs)
