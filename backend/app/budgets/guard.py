@@ -95,6 +95,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+import anyio
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -109,10 +110,11 @@ from app.models import BudgetScope, new_id
 from app.notifications import outbox as notification_outbox  # issue 16: events in the outbox
 from app.observability import LLM_BUDGET_BLOCKED, LLM_BUDGET_SOFT_LIMIT, TRACKING_ERRORS
 from app.tracking.breaker import database_breaker, lost_a_race
-from app.tracking.db_worker import batched
+from app.tracking.db_worker import DbWorker, batched
 from app.tracking.pricing import PriceBook, TokenUsage
 from app.tracking.record import UsageRecord
 from app.tracking.tracker import CallContext, estimate_prompt_tokens, estimate_tokens
+from app.tracking.write_process import LOST
 
 __all__ = [
     "BudgetExceededError",
@@ -490,14 +492,46 @@ class DatabaseBudgetGuard:
 
     # -- reservations made in the writer process ------------------------------------------
     # An event loop's call that a limit may apply to asks the service's writer process for
-    # its reservation (``AsyncLLMClient``, ``WriterProcess.reserve``), so that the transaction
-    # runs outside the service's GIL: ``request`` here, ``reserve_requests`` there (the calls
-    # that arrived together in one transaction, as ``_reserve_batch`` does on the tracking
-    # thread), ``adopt`` here again. Only a reservation taken or found unneeded comes back as
-    # such: a refusal, a database failure or a lost answer send the call the tracking thread's
-    # way (``reserve``), which decides again and records what it decides; a lost answer first
-    # gives back what the writer process may have taken (``release``), as does a reservation
-    # taken for a caller that stopped waiting.
+    # its reservation (``reserve_in_writer``: ``AsyncLLMClient``, the gateway), so that the
+    # transaction runs outside the service's GIL: ``request`` here, ``reserve_requests`` there
+    # (the calls that arrived together in one transaction, as ``_reserve_batch`` does on the
+    # tracking thread), ``adopt`` here again. Only a reservation taken or found unneeded comes
+    # back as such: a refusal, a database failure or a lost answer send the call the tracking
+    # thread's way (``reserve``), which decides again and records what it decides; a lost
+    # answer first gives back what the writer process may have taken (``release``), as does a
+    # reservation taken for a caller that stopped waiting.
+
+    async def reserve_in_writer(
+        self,
+        worker: DbWorker,
+        *,
+        context: CallContext,
+        model: str,
+        request: Mapping[str, Any],
+    ) -> Reservation | None:
+        """On an event loop: the call's reservation, taken (or found unneeded) by ``worker``'s
+        writer process; None: reserve on the tracking thread (``reserve``), which decides
+        what the writer process did not (a refusal, an outage) and records it. For this
+        guard's calls only when it is the runtime's (the child reserves with its settings)."""
+        process = worker.process
+        if process is None or not process.reserves:
+            return None
+        asked = self.request(context=context, model=model, request=request)
+        if asked is None:
+            return None
+        # A caller cancelled while the child reserves (``asyncio.wait_for``): what the child
+        # takes after that is given back on the tracking thread.
+        waiter = process.reserve(
+            asked, abandoned=lambda row_id: worker.call(lambda: self.give_back(row_id))
+        )
+        if waiter is None:
+            return None
+        with anyio.CancelScope(shield=True):
+            answer = await waiter
+            if answer == LOST:  # it may have been taken: give it back before reserving again
+                await worker.call_async(lambda: self.give_back(asked.row_id))
+                return None
+        return self.adopt(context, answer)
 
     def request(
         self, *, context: CallContext, model: str, request: Mapping[str, Any]
@@ -522,7 +556,10 @@ class DatabaseBudgetGuard:
         tracking thread should try)."""
         pending = [
             _Pending(
-                _Caller(r.task_id, r.user_id, r.key_id), r.now, _fixed(r.amount_pico), r.row_id
+                _Caller(task_id=r.task_id, user_id=r.user_id, key_id=r.key_id),
+                r.now,
+                _fixed(r.amount_pico),
+                r.row_id,
             )
             for r in requests
         ]
@@ -548,7 +585,9 @@ class DatabaseBudgetGuard:
             answers.append(REFUSED if isinstance(result, BudgetExceededError) else result)
         return answers
 
-    def adopt(self, context: CallContext, answer: ReserveAnswer) -> Reservation | None:
+    def adopt(
+        self, context: CallContext, answer: ReserveAnswer | Literal["lost"]
+    ) -> Reservation | None:
         """Back in the service, without the database: the reservation the writer process took
         for ``context``'s call (None: the call goes the tracking thread's way)."""
         if isinstance(answer, Reservation):

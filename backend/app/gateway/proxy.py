@@ -4,8 +4,10 @@
 
 1. resolves the caller (``callers``), the model's route (``routing``), the task and agent;
 2. starts a ``CallTracker`` (the tracking core: the span, child of the client's
-   ``traceparent``), and reserves the budget with the service's ``DatabaseBudgetGuard`` - a
-   refusal is recorded as a blocked call and answered 402 before any upstream request;
+   ``traceparent``), and reserves the budget with the service's ``DatabaseBudgetGuard`` (in
+   the service's writer process when it is up, ``reserve_in_writer``, else on the tracking
+   thread) - a refusal is recorded as a blocked call and answered 402 before any upstream
+   request;
 3. sends the body as received (re-encoded only to name another model or to ask a chat stream
    for its usage) to the route's targets in order: 429, 5xx, a timeout or a dropped connection
    moves on to the next target (every attempt counted in the row's ``attempts``; the upstream
@@ -14,8 +16,8 @@
    limit applies, ``x-asa-budget-remaining-usd`` / ``x-asa-budget-scope``; a stream is passed
    through as it arrives (``streaming``).
 
-Nothing here writes a row itself: the tracker does, through the tracking thread, as for an
-in-process ``AsyncLLMClient`` call.
+Nothing here writes a row itself: the tracker does, through the writer process or the tracking
+thread, as for an in-process ``AsyncLLMClient`` call.
 """
 
 from __future__ import annotations
@@ -302,8 +304,14 @@ class Gateway:
             reservation = guard.reserve_nowait(context=tracker.context)
         except Exception:
             reservation = None
-        if reservation is None:
-            request = call.api.operation.budget_request(call.body)
+        request = call.api.operation.budget_request(call.body) if reservation is None else None
+        if request is not None:
+            # The service's writer process takes it (outside this process's GIL) if it can...
+            reservation = await guard.reserve_in_writer(
+                worker, context=tracker.context, model=tracker.model, request=request
+            )
+        if reservation is None and request is not None:
+            # ... else the tracking thread, which also decides a refusal or an outage.
             try:
                 with anyio.CancelScope(shield=True):
                     reservation = await worker.call_async(

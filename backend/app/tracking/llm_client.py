@@ -63,7 +63,6 @@ from app.tracking.streams import (
     TrackedStream,
 )
 from app.tracking.tracker import CallContext, CallTracker, complete_shielded, default_tracer
-from app.tracking.write_process import LOST
 from app.usage import queries as usage_queries
 
 __all__ = [
@@ -515,37 +514,23 @@ class AsyncLLMClient(_BaseLLMClient):
         return worker
 
     async def _reserve_in_writer(self, prepared: _Prepared, worker: DbWorker) -> bool:
-        """Have the writer process take the call's reservation (its transaction then runs
-        outside this process's GIL); True if it did, or found none needed. False: the tracking
-        thread reserves (``_reserve``), which decides anything else (a refusal, an outage) and
-        records it."""
-        guard, process = self.runtime.budget_guard, worker.process
+        """Have the writer process take the call's reservation (``reserve_in_writer``: its
+        transaction then runs outside this process's GIL); True if it did, or found none
+        needed. False: the tracking thread reserves (``_reserve``), which decides anything else
+        (a refusal, an outage) and records it."""
+        guard = self.runtime.budget_guard
         # The writer process reserves with the runtime's own settings: only for its guard.
-        if self.budget is not guard or process is None or not process.reserves:
+        if self.budget is not guard:
             return False
         if guard is None:  # (apart: mypy keeps the narrowing then)
             return False
         tracker = prepared.tracker
-        request = guard.request(
+        prepared.reservation = await guard.reserve_in_writer(
+            worker,
             context=tracker.context,
             model=tracker.model,
             request=tracker.operation.budget_request(prepared.kwargs),
         )
-        if request is None:
-            return False
-        # A caller cancelled while the child reserves (``asyncio.wait_for``): what the child
-        # takes after that is given back on the tracking thread.
-        waiter = process.reserve(
-            request, abandoned=lambda row_id: worker.call(lambda: guard.give_back(row_id))
-        )
-        if waiter is None:
-            return False
-        with anyio.CancelScope(shield=True):
-            answer = await waiter
-        if answer == LOST:  # it may have been taken: give it back before reserving again
-            await _on_worker(worker, lambda: guard.give_back(request.row_id))
-            return False
-        prepared.reservation = guard.adopt(tracker.context, answer)
         return prepared.reservation is not None
 
     def _call_stream_manager(

@@ -99,6 +99,9 @@ def test_a_keys_budget_stops_its_calls_before_the_upstream_and_holds_its_cap(
     assert Decimal(str(created["budget_usd"])) == cap
     key, user = str(created["key"]), str(created["user_id"])
     client = openai.OpenAI(base_url=service.base_url, api_key=key, max_retries=0)
+    # Its writer process up (it takes the gateway's reservations, the key's counter included).
+    writer = service.app.state.runtime.db_worker.process
+    assert writer is not None and writer.start(wait=60)
     answered = 0
     before = service.sim_requests()
     refusal: dict[str, object] | None = None
@@ -129,6 +132,7 @@ def test_a_keys_budget_stops_its_calls_before_the_upstream_and_holds_its_cap(
             .where(BudgetReservation.key_id == created["id"])
         )
     assert open_reservations == 0
+    assert writer.answered >= answered + 1  # every call asked the writer process first
     listed = httpx.get(f"{service.url}/api/v1/admin/keys", headers=_auth(_admin(service))).json()
     (view,) = [k for k in listed["items"] if k["id"] == created["id"]]
     assert Decimal(view["budget_spent_usd"]) == spent

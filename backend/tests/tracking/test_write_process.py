@@ -551,3 +551,33 @@ async def test_an_override_set_in_the_service_binds_the_writer_processs_next_res
     assert refused.value.scope == "user_daily"
     assert process.answered == 2 and sim.state.stats()["requests"] == 1
     assert books(runtime.engine).open_reservations == 0
+
+
+def test_the_writer_process_holds_a_gateway_keys_budget_too(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    from app.budgets.guard import TASK_WINDOW
+    from app.budgets.store import CounterKey, read_counter
+    from app.core.prepared import Tx
+    from app.gateway.proxy import GatewayCallContext
+
+    runtime = limited_runtime(runtime_factory, start=False)
+    guard = runtime.budget_guard
+    assert guard is not None
+    cost = call_cost_pico()
+    set_limit(runtime, BudgetScope.KEY, "key-1", Decimal(cost * 3 // 2) / 10**12)
+    request = {"messages": MESSAGES, "model": MODEL, "max_tokens": MAX_TOKENS}
+
+    def ask() -> Any:
+        context = GatewayCallContext(task_id="keyed", user_id=USER, key_id="key-1")
+        asked = guard.request(context=context, model=MODEL, request=request)
+        assert asked is not None and asked.key_id == "key-1"
+        return guard.reserve_requests([asked])[0]  # as the writer process does
+
+    first = ask()
+    assert isinstance(first, Reservation) and first.held and first.key_id == "key-1"
+    key = CounterKey(BudgetScope.KEY, "key-1", TASK_WINDOW)
+    with runtime.engine.connect() as conn:
+        state = read_counter(Tx.of(conn), key)
+    assert state is not None and state.reserved_pico == cost  # the key's counter holds it
+    assert ask() == "refused"  # a second call would pass the key's cap
