@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -231,14 +232,22 @@ class DbWorker:
         self._submit(job)
         return job.future
 
-    async def call_async(self, fn: Callable[[], T]) -> T:
+    async def call_async(
+        self, fn: Callable[[], T], *, abandoned: Callable[[T], object] | None = None
+    ) -> T:
         """``call`` for an event loop: the calls run together wake their loop once, not once
-        per call (``asyncio.wrap_future`` would)."""
+        per call (``asyncio.wrap_future`` would). ``abandoned``: given ``fn``'s result, on this
+        thread, if the caller was cancelled before it came (e.g. to give back what it took)."""
         loop = asyncio.get_running_loop()
         job = _Call(fn, loop=loop, waiter=loop.create_future())
         self._submit(job)
         assert job.waiter is not None
-        return await job.waiter  # type: ignore[no-any-return]
+        try:
+            return await job.waiter  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if abandoned is not None:
+                job.future.add_done_callback(functools.partial(_hand_over, abandoned))
+            raise
 
     def close(self) -> None:
         """Let the writer process finish, then every submitted job, then stop the thread."""
@@ -377,6 +386,15 @@ def resolve_all(results: list[tuple[_Write, WriteOutcome | BaseException]]) -> N
             job.resolve(outcome)
     for loop, group in by_loop.items():
         deliver(loop, group)
+
+
+def _hand_over(abandoned: Callable[[Any], object], done: Future[Any]) -> None:
+    """A cancelled caller's result, to ``abandoned`` (nothing if the call failed)."""
+    if done.exception() is None:
+        try:
+            abandoned(done.result())
+        except Exception:
+            logger.exception("Handling an abandoned call's result failed")
 
 
 def _finish(job: _Call) -> None:

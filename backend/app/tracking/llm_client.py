@@ -271,6 +271,18 @@ class _BaseLLMClient:
             return False  # the blocking path decides, and records a refusal
         return prepared.reservation is not None
 
+    def _give_back(self, prepared: _Prepared) -> None:
+        """On the tracking thread: the reservation of a call whose caller was cancelled before
+        the call was made, given back (it would otherwise be held until it expires)."""
+        reservation = prepared.reservation
+        give_back = getattr(self.budget, "give_back", None)
+        if (
+            give_back is not None
+            and reservation is not None
+            and getattr(reservation, "held", False)
+        ):
+            give_back(reservation.id)
+
     def _arm_settlement(self, prepared: _Prepared) -> None:
         """Have the tracker settle the reservation with the call's final record."""
         guard, reservation = self.budget, prepared.reservation
@@ -509,7 +521,11 @@ class AsyncLLMClient(_BaseLLMClient):
             and not self._reserve_nowait(prepared)
             and not await self._reserve_in_writer(prepared, worker)
         ):
-            await _on_worker(worker, lambda: self._reserve(prepared))
+            await _on_worker(
+                worker,
+                lambda: self._reserve(prepared),
+                abandoned=lambda _: self._give_back(prepared),
+            )
         self._arm_settlement(prepared)
         return worker
 
@@ -559,10 +575,14 @@ class AsyncLLMClient(_BaseLLMClient):
         return AsyncTrackedResponseStreamManager(open_stream)
 
 
-async def _on_worker(worker: DbWorker, func: Callable[[], T]) -> T:
-    """Run blocking tracking work on the tracking thread, even if the caller is cancelled."""
+async def _on_worker(
+    worker: DbWorker, func: Callable[[], T], *, abandoned: Callable[[T], object] | None = None
+) -> T:
+    """Run blocking tracking work on the tracking thread, even if the caller is cancelled
+    (anyio's cancellation waits for it; a native one, ``task.cancel()``, hands its result to
+    ``abandoned`` on that thread)."""
     with anyio.CancelScope(shield=True):
-        result = await worker.call_async(func)
+        result = await worker.call_async(func, abandoned=abandoned)
     return result
 
 

@@ -753,3 +753,33 @@ def test_a_reservation_survives_the_spool_and_the_writer_process_unchanged() -> 
         "0.85",
         "override",
     )
+
+
+async def test_a_caller_cancelled_while_the_thread_reserves_leaves_nothing_reserved(
+    budget_runtime: Callable[..., Runtime], sim: SimulatorServer
+) -> None:
+    """``asyncio.wait_for`` gives up on a call whose reservation the tracking thread has yet to
+    take (the thread is busy): the thread still takes it, and gives it back."""
+    from tests.budgets.test_outage import books
+    from tests.support.reliability import wait_until
+
+    runtime = budget_runtime(budget_user_daily_usd=Decimal(1000), tracking_writer="thread")
+    script_exact_usage(sim)
+    gate = threading.Event()
+    busy = runtime.db_worker.call(lambda: gate.wait(30))  # the tracking thread is busy
+    client = AsyncLLMClient(task_id="cancelled", user_id="impatient", runtime=runtime)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                client.chat_completion(messages=MESSAGES, model=MODEL, max_tokens=MAX_TOKENS), 0.3
+            )
+    finally:
+        gate.set()
+    assert busy.result(timeout=10)
+
+    def given_back() -> bool:
+        final = books(runtime.engine)  # the counters made by the reservation, nothing held
+        return bool(final.counters) and set(final.counters.values()) == {(0, 0)}
+
+    assert await asyncio.to_thread(wait_until, given_back, 10), books(runtime.engine)
+    assert open_reservations(runtime) == 0 and sim.state.stats()["requests"] == 0
