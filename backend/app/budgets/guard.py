@@ -37,9 +37,11 @@ UPDATE (``spent + reserved + amount <= limit``) and records the reservation with
 scope refuses, the transaction rolls back and ``BudgetExceededError`` names the first scope that
 refused. After the call, ``settle`` replaces the reservation with the call's recorded cost (0 on
 a plain error or cancellation; the real cost even when it exceeds the reservation, so no spend is
-ever lost), booked in the UTC day the usage ledger books it. Reservations of a process that died
-expire after ``BUDGET_RESERVATION_TTL_SECONDS`` and are reclaimed by the next sweep (every minute
-from the reserve path, and at once when a scope refuses a call).
+ever lost), booked in the UTC day the usage ledger books it. A reservation taken for an async
+caller that was cancelled meanwhile (``asyncio.wait_for``) is given back at once (``give_back``).
+Reservations of a process that died expire after ``BUDGET_RESERVATION_TTL_SECONDS`` and are
+reclaimed by the next sweep (every minute from the reserve path, and at once when a scope refuses
+a call).
 
 Models without a known price reserve 0: they are admitted only while their scopes still have
 something left, and their calls (recorded ``unpriced``) add nothing to spend — give them a price
