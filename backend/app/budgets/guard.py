@@ -625,6 +625,11 @@ class DatabaseBudgetGuard:
         except Exception as exc:
             logger.warning("Could not give back reservation %s: %s", reservation_id, exc)
 
+    def give_back_held(self, reservation: Reservation | None) -> None:
+        """``give_back`` the reservation of a call that will not be made, if it holds one."""
+        if reservation is not None and reservation.held:
+            self.give_back(reservation.id)
+
     def _limits(
         self, context: CallContext, keys: list[CounterKey] | date, *, wait: bool
     ) -> dict[BudgetScope, Limit] | None:

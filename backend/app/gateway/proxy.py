@@ -39,7 +39,7 @@ from starlette.responses import Response
 
 from app.api.auth import AccessControl
 from app.budgets import store as budget_store
-from app.budgets.guard import DatabaseBudgetGuard, Reservation, counter_keys
+from app.budgets.guard import Reservation, counter_keys
 from app.core.errors import AppError
 from app.core.money import pico_to_usd
 from app.core.redaction import redact
@@ -318,7 +318,7 @@ class Gateway:
                         lambda: guard.reserve(
                             context=tracker.context, model=tracker.model, request=request
                         ),
-                        abandoned=_give_back(guard),  # a caller cancelled meanwhile
+                        abandoned=guard.give_back_held,  # a caller cancelled meanwhile
                     )
             except AppError as exc:
                 await complete_shielded(
@@ -527,16 +527,6 @@ class Gateway:
         if found is None:
             return {}
         return {REMAINING_HEADER: format(found[1], "f"), SCOPE_HEADER: found[0]}
-
-
-def _give_back(guard: DatabaseBudgetGuard) -> Callable[[Reservation | None], None]:
-    """What gives back the reservation of a call whose caller went away while it was taken."""
-
-    def give_back(reservation: Reservation | None) -> None:
-        if reservation is not None and reservation.held:
-            guard.give_back(reservation.id)
-
-    return give_back
 
 
 @dataclass

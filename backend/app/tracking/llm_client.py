@@ -274,14 +274,9 @@ class _BaseLLMClient:
     def _give_back(self, prepared: _Prepared) -> None:
         """On the tracking thread: the reservation of a call whose caller was cancelled before
         the call was made, given back (it would otherwise be held until it expires)."""
-        reservation = prepared.reservation
-        give_back = getattr(self.budget, "give_back", None)
-        if (
-            give_back is not None
-            and reservation is not None
-            and getattr(reservation, "held", False)
-        ):
-            give_back(reservation.id)
+        give_back_held = getattr(self.budget, "give_back_held", None)
+        if give_back_held is not None:
+            give_back_held(prepared.reservation)
 
     def _arm_settlement(self, prepared: _Prepared) -> None:
         """Have the tracker settle the reservation with the call's final record."""
